@@ -1,0 +1,37 @@
+# deeplab-ray: `make demo` runs the whole loop on embedded defaults, `make test` runs the tests.
+# Both create .venv and install everything on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+# torch/torchvision first and pinned: an unpinned torch would pull a multi-GB CUDA build;
+# constraints.txt pins the rest to versions known to resolve together (DESIGN.md section 8).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m pipelines.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/models.py --output docs/benchmarks.md
+	$(BIN)/python bench/data_pipeline.py --ray --output docs/benchmarks.md
+	$(BIN)/python bench/train_throughput.py --output docs/benchmarks.md
+	$(BIN)/python bench/segment_throughput.py --output docs/benchmarks.md
+
+clean:
+	rm -rf data outputs mlflow.db mlartifacts ray_results .pytest_cache

@@ -1,0 +1,165 @@
+"""Real servers the tests talk to, started on 127.0.0.1: a Ray head, moto's S3, an MLflow server.
+
+Each uses free ports and its own temp dir so that several test sessions on one machine do not
+collide, and each is stopped by killing its own process group (never `ray stop`, which would kill
+every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited early with code {proc.returncode}")
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback only
+        return resp.status == 200
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+@dataclass
+class RayHead:
+    """`ray start --head --block` in its own process group, with its own ports and temp dir."""
+
+    num_cpus: int = 4
+    object_store_bytes: int = 400 * 1024**2
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    gcs_port: int = 0
+    dashboard_port: int = 0
+    temp_dir: str = ""
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self, log_path: Path) -> "RayHead":
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        # Short path: Ray's unix sockets live under the temp dir and have a 107-byte limit.
+        self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+        min_worker = free_port()
+        cmd = [
+            str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
+            f"--num-cpus={self.num_cpus}", f"--object-store-memory={self.object_store_bytes}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--ray-client-server-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--node-manager-port={free_port()}",
+            f"--min-worker-port={min_worker}", f"--max-worker-port={min_worker + 200}",
+            f"--temp-dir={self.temp_dir}",
+        ]
+        env = {**os.environ, **self.env}
+        log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process' lifetime
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_until(lambda: http_ok(f"{self.dashboard_url}/api/version"), 120, "ray head", self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc, timeout=30)
+
+
+@dataclass
+class MotoS3:
+    """moto's ThreadedMotoServer: a real HTTP S3 endpoint on loopback."""
+
+    server: object = None
+    port: int = 0
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MotoS3":
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+@dataclass
+class MlflowServer:
+    """`mlflow server` with a sqlite backend and artifacts on local disk."""
+
+    root: Path
+    proc: subprocess.Popen | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MlflowServer":
+        self.port = free_port()
+        self.root.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", (self.root / "artifacts").as_uri(), "--workers", "1",
+        ]
+        log = open(self.root / "server.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: http_ok(f"{self.url}/health"), 120, "mlflow server", self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc)
