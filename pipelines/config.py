@@ -109,7 +109,7 @@ class RunSection(_Section):
 
 
 class TrackingSection(_Section):
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str | None = "sqlite:///mlflow.db"  # None: no MLflow records
     experiment: str = "deeplab"
     registered_model: str | None = "deeplab"
 

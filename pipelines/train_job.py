@@ -159,9 +159,20 @@ def _register(cfg: TrainConfig, run_id: str, tracking_uri: str, checkpoint: ray.
     return version.version
 
 
+def ensure_ray(worker_cpus: int) -> None:
+    """Connect to RAY_ADDRESS, or start a local Ray with enough logical CPUs that the Ray Data
+    tasks still get some while the training workers hold theirs (else ingestion stalls)."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, worker_cpus + 2), logging_level="WARNING")
+
+
 def run_training(cfg: TrainConfig) -> TrainOutcome:
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+    ensure_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     train_manifest, val_manifest = prepare_manifests(cfg)
     tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.tracking_uri else None
     run_id = None

@@ -55,12 +55,14 @@ def save_training_checkpoint(directory: Path, model: nn.Module, optimizer, sched
                 "python_rng": list(random.getstate()[1])}, directory / TRAIN_STATE_FILE)
 
 
-def restore_training_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler) -> int:
+def restore_training_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, max_it: int) -> int:
     payload = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
     unwrap(model).load_state_dict(payload["model"])
     state = torch.load(directory / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    # The schedule length is the current config's (a resumed run may have been given more iterations).
+    scheduler.max_it = max_it
     torch.set_rng_state(state["torch_rng"])
     random.setstate((3, tuple(state["python_rng"]), None))
     return int(state["iteration"])
@@ -142,8 +144,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     _seed_everything(cfg.run.seed + rank)
     model = build_model(**cfg.model.build_kwargs())
-    if world > 1 and cfg.scaling.sync_bn:
-        # Per-worker batches are small; unsynchronised BN statistics cost 1-2 mIoU.
+    if world > 1 and cfg.scaling.sync_bn and on_gpu:
+        # Per-worker batches are small; unsynchronised BN statistics cost 1-2 mIoU. (PyTorch's
+        # SyncBatchNorm is CUDA-only under DDP, so CPU runs keep per-worker BN.)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg)
     scheduler = PolyLRScheduler(optimizer, cfg.optim.max_iters, cfg.optim.power,
@@ -152,7 +155,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            start_it = restore_training_checkpoint(Path(ckpt_dir), model, optimizer, scheduler)
+            start_it = restore_training_checkpoint(Path(ckpt_dir), model, optimizer, scheduler,
+                                                   cfg.optim.max_iters)
         _seed_everything(cfg.run.seed + rank + 1_000_003 * start_it)  # fresh but reproducible
         if rank == 0:
             print(f"[train] resumed from iteration {start_it}", flush=True)
@@ -169,6 +173,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     it = start_it
     window = {"loss": 0.0, "steps": 0, "data_s": 0.0, "step_s": 0.0}
     model.train()
+    if start_it >= max_it:  # finished before: report the final state again so the run has a result
+        _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg, device, tracker,
+                                 it, start_it, rank, final=True)
     while it < max_it:
         batches = train_shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, device=device,
                                                  dtypes={"image": torch.float32, "mask": torch.int64})

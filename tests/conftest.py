@@ -5,6 +5,7 @@ All bind to 127.0.0.1 on free ports. Credentials are moto's dummy ones; they nev
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -21,6 +22,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
 
 
 @pytest.fixture(scope="session")
