@@ -8,6 +8,7 @@ every Ray on the machine).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,10 +23,13 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(avoid: range | None = None) -> int:
+    while True:
+        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if avoid is None or port not in avoid:
+            return port
 
 
 def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
@@ -82,21 +86,27 @@ class RayHead:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def start(self, log_path: Path) -> "RayHead":
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        # Worker ports first, then every other port outside that range (Ray refuses overlaps).
+        min_worker = free_port()
+        workers = range(min_worker, min_worker + 201)
+
+        def port() -> int:
+            return free_port(avoid=workers)
+
+        self.gcs_port, self.dashboard_port = port(), port()
         # Short path: Ray's unix sockets live under the temp dir and have a 107-byte limit.
         self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-        min_worker = free_port()
         cmd = [
             str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
             "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
             f"--num-cpus={self.num_cpus}", f"--object-store-memory={self.object_store_bytes}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-            f"--ray-client-server-port={free_port()}", f"--object-manager-port={free_port()}",
-            f"--node-manager-port={free_port()}",
-            f"--min-worker-port={min_worker}", f"--max-worker-port={min_worker + 200}",
+            f"--dashboard-agent-listen-port={port()}", f"--dashboard-agent-grpc-port={port()}",
+            f"--runtime-env-agent-port={port()}", f"--metrics-export-port={port()}",
+            f"--ray-client-server-port={port()}", f"--object-manager-port={port()}",
+            f"--node-manager-port={port()}",
+            f"--min-worker-port={workers.start}", f"--max-worker-port={workers.stop - 1}",
             f"--temp-dir={self.temp_dir}",
         ]
         env = {**os.environ, **self.env}
@@ -108,7 +118,10 @@ class RayHead:
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process_group(self.proc, timeout=30)
+            # `ray start --block` cleans up slowly on SIGTERM; its children share the group.
+            stop_process_group(self.proc, timeout=5)
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @dataclass
@@ -163,3 +176,4 @@ class MlflowServer:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process_group(self.proc)
+

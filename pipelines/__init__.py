@@ -1,0 +1,1 @@
+"""deeplab-ray pipelines: storage, data ingestion, training, batch segmentation and promotion."""
