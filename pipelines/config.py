@@ -43,6 +43,8 @@ class SyntheticSection(_Section):
     height: int = 96
     width: int = 128
     seed: int = 0
+    # Extra deeplab_core.synthetic.SyntheticSpec fields (difficulty knobs such as colour_spread).
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class DataSection(_Section):

@@ -61,7 +61,7 @@ def prepare_manifests(cfg: TrainConfig) -> tuple[str, str]:
         from pipelines.synthetic_data import write_synthetic_voc
 
         syn = cfg.data.synthetic
-        spec = SyntheticSpec(num_classes=cfg.model.num_classes, height=syn.height, width=syn.width)
+        spec = SyntheticSpec(num_classes=cfg.model.num_classes, height=syn.height, width=syn.width, **syn.options)
         written = write_synthetic_voc(cfg.data.root, syn.num_train, syn.num_val, spec=spec, seed=syn.seed,
                                       storage_options=options)
         train_manifest, val_manifest = written["train_manifest"], written["val_manifest"]

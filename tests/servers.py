@@ -109,7 +109,8 @@ class RayHead:
             f"--min-worker-port={workers.start}", f"--max-worker-port={workers.stop - 1}",
             f"--temp-dir={self.temp_dir}",
         ]
-        env = {**os.environ, **self.env}
+        # Job entrypoints (`python pipelines/train.py`) must find this environment's python.
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **self.env}
         log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process' lifetime
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
