@@ -1,0 +1,159 @@
+"""Atrous building blocks shared by the DeepLab heads and backbones.
+
+- `resize` / `set_dilation`: the two atrous primitives every module here relies on.
+- `SeparableConv2d`: DeepLabv3+'s atrous depthwise-separable conv (also Xception's unit).
+- `ASPP`: DeepLabv3's pyramid, laid out exactly like torchvision's (`convs.0..4`, `project`) so
+  torchvision's deeplabv3 checkpoints load by name.
+- `DeepLabHead`: ASPP -> 3x3 conv -> 1x1 classifier (torchvision's `DeepLabHead` layout).
+- `LargeFOV` and `ASPPV2`: DeepLab v1's fc6-fc7-fc8 head and v2's summed atrous branches.
+"""
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+def resize(x: Tensor, size: list[int]) -> Tensor:
+    """Bilinear resize with align_corners=False, the one convention used across the project."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def set_dilation(module: nn.Module, rate: int) -> None:
+    """Make every 3x3 conv inside `module` atrous at `rate`; padding = rate keeps the size."""
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+            conv.dilation = (rate, rate)
+            conv.padding = (rate, rate)
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1) -> list[nn.Module]:
+    padding = dilation * (kernel_size // 2)
+    return [
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    ]
+
+
+class SeparableConv2d(nn.Sequential):
+    """Atrous separable conv: depthwise 3x3 -> BN -> ReLU -> pointwise 1x1 -> BN (-> ReLU).
+
+    DeepLabv3+ adds BN + ReLU after the depthwise conv (MobileNet style); `relu=False` leaves the
+    output un-activated, for Xception units whose ReLU comes before the next conv or the sum.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1, relu: bool = True
+    ) -> None:
+        layers = OrderedDict(
+            depthwise=nn.Conv2d(
+                in_channels, in_channels, 3, stride=stride, padding=dilation, dilation=dilation,
+                groups=in_channels, bias=False,
+            ),
+            depthwise_bn=nn.BatchNorm2d(in_channels),
+            depthwise_relu=nn.ReLU(),
+            pointwise=nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            pointwise_bn=nn.BatchNorm2d(out_channels),
+        )
+        if relu:
+            layers["pointwise_relu"] = nn.ReLU()
+        super().__init__(layers)
+
+
+class ASPPConv(nn.Sequential):
+    """One atrous 3x3 branch: conv -> BN -> ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, dilation: int) -> None:
+        super().__init__(*conv_bn_relu(in_channels, out_channels, 3, dilation))
+
+
+class ASPPPooling(nn.Sequential):
+    """Image-level features: global average pool -> 1x1 conv -> BN -> ReLU -> upsample."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(nn.AdaptiveAvgPool2d(1), *conv_bn_relu(in_channels, out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = x.shape[-2:]
+        for module in self:
+            x = module(x)
+        return resize(x, size)
+
+
+class ASPP(nn.Module):
+    """DeepLabv3 ASPP: 1x1 + one 3x3 branch per rate + image pooling, concat -> 1x1 projection.
+
+    Module names and order match torchvision's `ASPP`; `dropout` is 0.5 in torchvision and 0.1
+    in the TF/VainF recipes.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        atrous_rates: Sequence[int],
+        out_channels: int = 256,
+        separable: bool = False,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        branches: list[nn.Module] = [nn.Sequential(*conv_bn_relu(in_channels, out_channels))]
+        atrous_branch = SeparableConv2d if separable else ASPPConv
+        branches += [atrous_branch(in_channels, out_channels, dilation=rate) for rate in atrous_rates]
+        branches.append(ASPPPooling(in_channels, out_channels))
+        self.convs = nn.ModuleList(branches)
+        self.project = nn.Sequential(
+            *conv_bn_relu(len(branches) * out_channels, out_channels), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project(torch.cat([branch(x) for branch in self.convs], dim=1))
+
+
+class DeepLabHead(nn.Sequential):
+    """DeepLabv3 classifier: ASPP -> 3x3 conv + BN + ReLU -> 1x1 to classes (torchvision layout)."""
+
+    def __init__(
+        self, in_channels: int, num_classes: int, atrous_rates: Sequence[int], aspp_dropout: float = 0.1
+    ) -> None:
+        super().__init__(
+            ASPP(in_channels, atrous_rates, dropout=aspp_dropout),
+            *conv_bn_relu(256, 256, 3),
+            nn.Conv2d(256, num_classes, 1),
+        )
+
+
+class LargeFOV(nn.Sequential):
+    """DeepLab-v1 LargeFOV head: fc6 (3x3, 1024 ch, dilation 12) -> fc7 (1x1, 1024) -> fc8 (1x1).
+
+    VGG-16's fully connected layers turned into convs, with dropout 0.5 after fc6 and fc7.
+    DeepLab-v2's VGG-16 ASPP uses one such branch per rate.
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, rate: int = 12, channels: int = 1024, dropout: float = 0.5
+    ) -> None:
+        super().__init__(
+            OrderedDict(
+                fc6=nn.Conv2d(in_channels, channels, 3, padding=rate, dilation=rate),
+                relu6=nn.ReLU(),
+                drop6=nn.Dropout(dropout),
+                fc7=nn.Conv2d(channels, channels, 1),
+                relu7=nn.ReLU(),
+                drop7=nn.Dropout(dropout),
+                fc8=nn.Conv2d(channels, num_classes, 1),
+            )
+        )
+
+
+class ASPPV2(nn.Module):
+    """DeepLab-v2 ASPP: parallel atrous branches, each already at class scores, summed."""
+
+    def __init__(self, branches: Iterable[nn.Module]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([branch(x) for branch in self.branches]).sum(dim=0)
