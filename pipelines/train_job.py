@@ -89,7 +89,7 @@ def start_or_resume_mlflow_run(cfg: TrainConfig, tracking_uri: str, storage_path
         filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}' and tags.`{STORAGE_TAG}` = '{storage_path}'",
         order_by=["attributes.start_time DESC"],
     )
-    if existing and existing[0].info.status != "FINISHED":
+    if existing:  # the same Ray Train run (name + storage path): keep logging into its MLflow run
         print(f"[mlflow] resuming run {existing[0].info.run_id}", flush=True)
         return existing[0].info.run_id
     run = mlflow.MlflowClient().create_run(experiment.experiment_id, run_name=cfg.run.name,
@@ -143,6 +143,13 @@ def _register(cfg: TrainConfig, run_id: str, tracking_uri: str, checkpoint: ray.
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
+    name = cfg.tracking.registered_model
+    if name is not None:
+        # Idempotent: re-running a finished run must not register the same checkpoint twice.
+        for version in mlflow.MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            if version.tags.get("iteration") == str(metrics.get("iteration")):
+                print(f"[mlflow] already registered as {name} version {version.version}", flush=True)
+                return version.version
     with mlflow.start_run(run_id=run_id), checkpoint.as_directory() as ckpt_dir:
         mlflow.log_artifact(str(Path(ckpt_dir) / MODEL_FILE), "best_checkpoint")
         tags = {k: f"{v:.6f}" for k, v in metrics.items() if k.startswith("val_")}

@@ -80,8 +80,9 @@ def test_training_on_s3_improves_miou_tracks_and_registers(ray_cluster, s3_bucke
     assert outcome.metrics["iteration"] == 120
     trained = outcome.metrics["val_mIoU"]
     print(f"untrained mIoU {untrained_miou:.3f} -> trained {trained:.3f}")
-    # Calibrated on this tiny model: untrained ~0.05-0.15, trained (120 its) ~0.35-0.5.
-    assert trained > untrained_miou + 0.15
+    # Calibrated here (easy scenes, MobileNetV2 x0.25, 120 iterations): untrained 0.013-0.02,
+    # trained 0.22 (an all-background prediction scores ~0.12).
+    assert trained > untrained_miou + 0.12 and trained > 0.15
 
     client = mlflow.MlflowClient(tracking)
     run = client.get_run(outcome.run_id)
@@ -92,7 +93,7 @@ def test_training_on_s3_improves_miou_tracks_and_registers(ray_cluster, s3_bucke
     assert run.data.params["data.storage_options.secret"] == "***"
     history = client.get_metric_history(outcome.run_id, "loss")
     assert len(history) == 12 and history[-1].value < history[0].value
-    assert {m.key for m in run.data.metrics.values()} if False else {"lr", "images_per_s", "data_wait_s", "val_mIoU"} <= set(run.data.metrics)
+    assert {"lr", "images_per_s", "data_wait_s", "val_mIoU", "val_fw_iou"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "validation")}
     assert any(p.endswith(".png") for p in artifacts) and any(p.endswith(".jpg") for p in artifacts)
 
@@ -108,20 +109,25 @@ def test_training_on_s3_improves_miou_tracks_and_registers(ray_cluster, s3_bucke
     assert meta["num_classes"] == 6 and model.config["backbone"] == "mobilenetv2"
 
     # Same name + storage path resumes: the run is complete, so it reports the final state again
-    # without training, into the same MLflow run.
+    # without training, into the same MLflow run, and registers nothing new.
     again = run_training(cfg)
-    assert again.metrics["start_iteration"] == 120 and again.run_id != outcome.run_id or True
-    assert again.metrics["iteration"] == 120
+    assert again.metrics["start_iteration"] == 120 and again.metrics["iteration"] == 120
+    assert again.run_id == outcome.run_id
+    assert again.model_version == outcome.model_version  # not registered twice
+    assert len(client.search_model_versions("name = 'deeplab'")) == 1
 
 
-def _kill_one_worker_after_checkpoints(storage: Path, name: str, stop: threading.Event, killed: list):
+def _kill_one_worker_after_checkpoints(storage: Path, name: str, stop: threading.Event, killed: list,
+                                       dashboard_url: str):
     from ray.util.state import list_actors
 
     while not stop.is_set():
         # Wait for the second checkpoint: by then the first is surely registered with the
         # controller, so the restart must resume from iteration >= 10.
         if len(list((storage / name).glob("checkpoint_*"))) >= 2:
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            # An explicit address: other Ray clusters on the machine make auto-detection fail.
+            workers = list_actors(address=dashboard_url,
+                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if workers:
                 os.kill(workers[0].pid, signal.SIGKILL)
                 killed.append(workers[0].pid)
@@ -136,14 +142,22 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
         "data.synthetic.num_train=24", "data.synthetic.num_val=8", "optim.max_iters=60",
         "run.val_every=10", "run.max_failures=2",
     ])
-    stop, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_one_worker_after_checkpoints, args=(storage, name, stop, killed))
+    stop, killed, errors = threading.Event(), [], []
+
+    def killer_main():
+        try:
+            _kill_one_worker_after_checkpoints(storage, name, stop, killed, ray_cluster.dashboard_url)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    killer = threading.Thread(target=killer_main)
     killer.start()
     try:
         outcome = run_training(cfg)
     finally:
         stop.set()
         killer.join()
+    assert not errors, errors
     assert killed, "no worker was killed: the test did not exercise the failure path"
     assert outcome.metrics["iteration"] == 60
     # The restarted group resumed from a checkpoint, not from scratch.
