@@ -98,7 +98,12 @@ def _ray_loop(config):
     else:
         batches = in_memory_batches(args)
     seconds, n = train_steps(model, batches, args, device)
-    ray.train.report({"images_per_s": n / seconds})
+    # Train V2 surfaces metrics on the Result only through reports that carry a checkpoint.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "throughput.txt").write_text(str(n / seconds))
+        ray.train.report({"images_per_s": n / seconds}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def run_ray(args, use_data: bool) -> float:
@@ -120,7 +125,10 @@ def run_ray(args, use_data: bool) -> float:
         run_config=ray.train.RunConfig(storage_path=str(Path(args.tmp).resolve()), name=f"bench-{use_data}-{time.time_ns()}"),
         datasets=datasets,
     )
-    return trainer.fit().metrics["images_per_s"]
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result.metrics["images_per_s"]
 
 
 def mfu(args, images_per_s: float) -> str:
