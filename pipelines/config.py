@@ -102,7 +102,7 @@ class RunSection(_Section):
     name: str = "deeplab-demo"
     storage_path: str = "ray_results"  # local path or s3://; same name + path = resume
     log_every: int = Field(10, ge=1)
-    val_every: int = Field(100, ge=1)
+    val_every: int = Field(200, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=-1)
@@ -121,7 +121,9 @@ class TrainConfig(_Section):
     # The embedded demo's images are 96x128, so its crop is 96; a `data:` section in a YAML file
     # starts from the paper defaults (crop 513) instead.
     data: DataSection = Field(default_factory=lambda: DataSection(crop_size=96))
-    optim: OptimSection = Field(default_factory=OptimSection)
+    # The demo's tiny model on CPU: lr 0.01 and 600 iterations reach ~21% val mIoU in ~6 min on
+    # 2 cores (300 iterations at 0.007: ~14%).
+    optim: OptimSection = Field(default_factory=lambda: OptimSection(base_lr=0.01, max_iters=600))
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     run: RunSection = Field(default_factory=RunSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
