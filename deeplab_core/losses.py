@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deeplab_core.constants import IGNORE_INDEX
+
 
 def bootstrapped_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ratio: float,
-                               ignore_index: int = 255) -> torch.Tensor:
+                               ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean loss over the hardest `ratio` of the valid pixels of each image (hard-pixel mining,
     as in the DeepLab Cityscapes recipes)."""
     pixel_loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
@@ -32,7 +34,7 @@ class SegmentationLoss(nn.Module):
     that are entirely `ignore_index` give a zero loss instead of NaN.
     """
 
-    def __init__(self, ignore_index: int = 255, aux_weight: float = 0.4,
+    def __init__(self, ignore_index: int = IGNORE_INDEX, aux_weight: float = 0.4,
                  bootstrap_ratio: float | None = None):
         super().__init__()
         if bootstrap_ratio is not None and not 0 < bootstrap_ratio <= 1:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from deeplab_core.constants import IGNORE_INDEX
 
-def confusion_matrix(pred, target, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+
+def confusion_matrix(pred, target, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """int64 `num_classes x num_classes` counts; pixels whose target is `ignore_index` are skipped.
 
     Target values outside [0, num_classes) other than `ignore_index` raise, since they mean the

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-IGNORE_INDEX = 255
+from deeplab_core.constants import IGNORE_INDEX  # noqa: F401 - re-exported
 
 
 @lru_cache(maxsize=1)

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 CLASS_NAMES: tuple[str, ...] = ("background", "disc", "square", "triangle", "ring", "bar")
-IGNORE_INDEX = 255
+from deeplab_core.constants import IGNORE_INDEX  # noqa: F401 - re-exported
 
 # Class colour means (RGB, 0-255). They sit close together and every object's colour is drawn
 # with a standard deviation (COLOUR_STD * spec.colour_spread) that dwarfs their spacing.

@@ -21,8 +21,7 @@ import cv2
 import numpy as np
 import torch
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from deeplab_core.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401
 
 
 # --------------------------------------------------------------------------- helpers
@@ -119,7 +118,7 @@ class TrainTransform:
     flip_prob: float = 0.5
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
 
     def __post_init__(self) -> None:
         crop_h, crop_w = self.crop_hw

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+from deeplab_core.constants import DEFAULT_SCALES
+
 TILE_OVERLAP = 1 / 3  # fraction of a tile shared with its neighbour (mmseg/DeepLab slide default)
 
 

@@ -28,7 +28,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from deeplab_core.palette import voc_palette
 
 DEFAULT_MAX_PIXELS = 50_000_000
-IGNORE_INDEX = 255
+from deeplab_core.constants import IGNORE_INDEX  # noqa: F401 - re-exported
 
 _JPEG_EOI = b"\xff\xd9"
 _PNG_IEND = b"IEND\xaeB`\x82"

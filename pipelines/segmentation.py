@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from deeplab_core.constants import DEFAULT_SCALES, CRFParams
 from pipelines.decode import DEFAULT_MAX_PIXELS, BadInput, decode_image, decode_mask
 from pipelines.errors import ErrorRecord, RunSummary, errors_table
 from pipelines.manifest import IMAGE_EXTENSIONS, read_manifest
@@ -59,10 +60,6 @@ from pipelines.storage import (
 )
 
 log = logging.getLogger(__name__)
-
-# deeplab_core.tta.DEFAULT_SCALES (the v3/v3+ papers' evaluation scales), repeated rather than
-# imported: importing tta pulls torch into every CPU worker that unpickles a stage of this module.
-DEFAULT_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 STATE_FILE = "_state.json"
 RESULTS_DIR, ERRORS_DIR, MASKS_DIR, OVERLAYS_DIR = "results", "errors", "masks", "overlays"
@@ -87,18 +84,6 @@ RESULTS_SCHEMA = pa.schema([
 
 
 # --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class CRFParams:
-    """Dense CRF parameters; the defaults are DeepLab v2's (ResNet-101, VOC)."""
-
-    iterations: int = 10
-    pos_w: float = 3.0
-    pos_xy_std: float = 1.0
-    bi_w: float = 4.0
-    bi_xy_std: float = 67.0
-    bi_rgb_std: float = 3.0
 
 
 @dataclass(frozen=True)
