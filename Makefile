@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q tests/unit -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/models.py --output docs/benchmarks.md

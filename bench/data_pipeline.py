@@ -202,14 +202,14 @@ def default_rows(pairs: Sequence[Pair], crop_size: int = 513,
 
 
 def ray_data_row(pairs: Sequence[Pair], transform: TrainTransform, num_cpus: int) -> BenchRow:
-    """``--ray``: the production path, ``pipelines.ingest.train_dataset`` (manifest -> read +
+    """``--ray``: the production path, ``pipelines.data.streams.train_dataset`` (manifest -> read +
     validated decode + TrainTransform in Ray Data tasks) on a local Ray with ``num_cpus`` CPUs,
     one thread per task; images/s is divided by ``num_cpus``. Each pass is a full Ray Data
     execution, so its start-up cost is included."""
     import ray
 
-    from pipelines.ingest import train_dataset
-    from pipelines.manifest import write_manifest
+    from pipelines.data.manifest import write_manifest
+    from pipelines.data.streams import train_dataset
 
     if not ray.is_initialized():  # own temp dir: leaves other Ray sessions' /tmp/ray alone
         ray.init(num_cpus=num_cpus, logging_level="ERROR", include_dashboard=False,
@@ -224,7 +224,7 @@ def ray_data_row(pairs: Sequence[Pair], transform: TrainTransform, num_cpus: int
     def run() -> int:
         return sum(len(batch["mask"]) for batch in dataset.iter_batches(batch_size=16, batch_format="numpy"))
 
-    return BenchRow(f"ray-data (pipelines.ingest.train_dataset, {num_cpus} CPUs)", run,
+    return BenchRow(f"ray-data (pipelines.data.streams.train_dataset, {num_cpus} CPUs)", run,
                     cores=num_cpus, in_process=False)
 
 
@@ -291,8 +291,8 @@ def format_table(results: Sequence[dict]) -> str:
 
 
 def machine_description() -> str:
-    import torchvision
     import PIL
+    import torchvision
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--crop-size", type=int, default=513)
     parser.add_argument("--output", help="Markdown file whose '## Data pipeline' section is replaced")
     parser.add_argument("--ray", type=int, default=0, metavar="CPUS",
-                        help="add a Ray Data row (pipelines.ingest.train_dataset) on CPUS local Ray CPUs")
+                        help="add a Ray Data row (pipelines.data.streams.train_dataset) on CPUS local Ray CPUs")
     args = parser.parse_args(argv)
 
     single_thread()

@@ -90,7 +90,8 @@ def time_ray_crf(images, probs, iterations: int, workers: int) -> float:
     """The job's CRF stage alone on Ray Data over the same inputs (materialised first)."""
     import ray.data
 
-    from pipelines.segmentation import CRFParams, InferencePlan, crf_stage
+    from deeplab_core.constants import CRFParams
+    from pipelines.segmentation.stages import InferencePlan, crf_stage
 
     plan = InferencePlan(num_classes=NUM_CLASSES, mean=(0, 0, 0), std=(1, 1, 1), scales=(1.0,), flip=False,
                          fusion="mean", max_pixels=None, crf=True, crf_params=CRFParams(iterations=iterations),
@@ -127,7 +128,9 @@ def run_job(checkpoint: str, input_dir: str, output_dir: str, **options) -> dict
     import contextlib
     import io
 
-    from pipelines.segmentation import CRFParams, SegmentConfig, run_segmentation
+    from deeplab_core.constants import CRFParams
+    from pipelines.segmentation.config import SegmentConfig
+    from pipelines.segmentation.job import run_segmentation
 
     iterations = options.pop("crf_iterations")
     cfg = SegmentConfig(model=checkpoint, input=input_dir, output=output_dir,
@@ -190,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| model stage, TTA (6 scales + flip) | {tta_rate:.2f} | | {tta_rate:.2f} | | "
                      f"{plain_rate / tta_rate:.1f}x the plain cost |")
     if "crf" in stages:
-        import ray
 
         start_ray()
         direct = time_direct_crf(images, probs_plain, args.crf_iterations)
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if "pipeline" in stages:
         from PIL import Image
 
-        from pipelines.model_io import save_checkpoint_dir
+        from pipelines.common.checkpoints import save_checkpoint_dir
 
         start_ray()
 

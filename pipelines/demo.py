@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # run as a file (`python pipelines/demo.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines import promote, segment, train  # noqa: E402

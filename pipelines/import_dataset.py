@@ -1,10 +1,10 @@
 """Build a manifest from a dataset layout at any URI (listing it once, so runs never list again).
 
-    python -m pipelines.import_dataset voc s3://bucket/VOC2012 --split train \\
+    python pipelines/import_dataset.py voc s3://bucket/VOC2012 --split train \\
         --out s3://bucket/manifests/voc_train.parquet [--mask-dir SegmentationClassAug]
-    python -m pipelines.import_dataset cityscapes /data/cityscapes --split val --out val.parquet
-    python -m pipelines.import_dataset folders s3://b/images --masks s3://b/masks --out m.jsonl
-    python -m pipelines.import_dataset synthetic s3://b/synth --num-train 1000 --num-val 200
+    python pipelines/import_dataset.py cityscapes /data/cityscapes --split val --out val.parquet
+    python pipelines/import_dataset.py folders s3://b/images --masks s3://b/masks --out m.jsonl
+    python pipelines/import_dataset.py synthetic s3://b/synth --num-train 1000 --num-val 200
 
 S3 endpoint and credentials come from the AWS_* variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 ...) or ``--storage-option name=value`` (repeatable; values are never printed).
@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from pipelines import manifest
-from pipelines.storage import check_access
+if __package__ in (None, ""):  # run as a file (`ray job submit ... python pipelines/import_dataset.py`)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.data import manifest  # noqa: E402
+from pipelines.data.storage import check_access  # noqa: E402
 
 
 def _parse_storage_options(pairs: Sequence[str]) -> dict:
@@ -35,7 +40,7 @@ def _parse_storage_options(pairs: Sequence[str]) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.import_dataset", description=__doc__,
+        prog="python pipelines/import_dataset.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--storage-option", action="append", default=[], metavar="NAME=VALUE",
@@ -71,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     options = _parse_storage_options(args.storage_option) or None
     if args.layout == "synthetic":
-        from pipelines.synthetic_data import write_synthetic_voc
+        from pipelines.data.synthetic import write_synthetic_voc
 
         check_access(args.root, options)
         result = write_synthetic_voc(args.root, args.num_train, args.num_val, seed=args.seed,

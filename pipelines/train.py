@@ -14,34 +14,35 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (`ray job submit ... python pipelines/train.py`)
+if __package__ in (None, ""):  # run as a file (`ray job submit ... python pipelines/train.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.config import load_config  # noqa: E402
+from pipelines.common.config import ConfigError  # noqa: E402
+from pipelines.training.config import load_train_config  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see configs/); defaults are the embedded demo")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.max_iters=100")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-    except (ValueError, OSError) as exc:
+        cfg = load_train_config(args.config, args.overrides)
+    except ConfigError as exc:
         parser.error(str(exc))
+    from pipelines.training.job import print_config, run_training
+
     if args.print_config:
-        import yaml
-
-        from pipelines.storage import redact
-
-        print(yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False))
+        print_config(cfg)
         return 0
-    from pipelines.train_job import run_training
-
     outcome = run_training(cfg)
-    print(f"[train] val mIoU {outcome.metrics.get('val_mIoU', float('nan')):.4f}; "
-          f"checkpoint {outcome.checkpoint_path}; model version {outcome.model_version}")
+    print(outcome.summary_line())
     return 0
 
 

@@ -1,18 +1,18 @@
-"""Session-wide real services: one Ray cluster, one moto S3 endpoint, one MLflow server.
+"""Settings shared by every test. Tests are split by folder:
 
-All bind to 127.0.0.1 on free ports. Credentials are moto's dummy ones; they never leave loopback.
+    tests/unit/         fast: torch, numpy, files and sqlite only; no Ray, no servers
+                        (the server fixtures are not even visible there)
+    tests/integration/  real services (Ray, moto S3, MLflow server) started once per session;
+                        every test there is marked `slow` automatically
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import uuid
 from pathlib import Path
 
 import pytest
-
-from tests.servers import MlflowServer, MotoS3, RayHead
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -25,54 +25,18 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    server = MotoS3().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def s3_options(s3_server) -> dict:
-    """fsspec/s3fs storage options for the loopback endpoint."""
-    return {"endpoint_url": s3_server.endpoint_url, "key": "testing", "secret": "testing"}
-
-
-@pytest.fixture
-def s3_bucket(s3_server, s3_options) -> str:
-    """A fresh, empty bucket; returns its `s3://name` URI."""
-    import s3fs
-
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    fs = s3fs.S3FileSystem(**s3_options)
-    fs.mkdir(name)
-    return f"s3://{name}"
-
-
-@pytest.fixture(scope="session")
-def ray_cluster(s3_server, tmp_path_factory):
-    """One real local Ray cluster per session (head with dashboard, so `ray job submit` works).
-
-    The head inherits the moto endpoint through AWS_ENDPOINT_URL, as a cluster would inherit its
-    real S3 endpoint from its environment.
-    """
-    import ray
-
-    log = tmp_path_factory.mktemp("ray") / "head.log"
-    head = RayHead(env={"AWS_ENDPOINT_URL": s3_server.endpoint_url}).start(log)
-    ray.init(address=head.address, logging_level="WARNING", log_to_driver=True)
-    yield head
-    ray.shutdown()
-    head.stop()
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(root=tmp_path_factory.mktemp("mlflow")).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def sqlite_tracking_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+@pytest.fixture
+def clean_aws_env(monkeypatch):
+    """No AWS_* variable set: options come only from what the test passes."""
+    for name in AWS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch

@@ -1,0 +1,90 @@
+"""Model checkpoints on any fsspec storage, and loading a model from any URI the jobs accept.
+
+A checkpoint directory holds `model.pt` = {"model": state_dict, "model_config": build_model
+arguments, "meta": dict} and, for training checkpoints, `train_state.pt` (optimizer, scheduler,
+iteration, RNG). Everything is plain tensors and containers, so it all loads with
+`torch.load(weights_only=True)`: a checkpoint from storage can never run code on load.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deeplab_core.models import build_model
+from pipelines.data.storage import get_fs
+from pipelines.tracking import downloaded_model, is_registry_uri
+
+MODEL_FILE = "model.pt"
+TRAIN_STATE_FILE = "train_state.pt"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def model_payload(model: nn.Module, meta: dict | None = None) -> dict:
+    bare = unwrap(model)
+    if not hasattr(bare, "config"):
+        raise TypeError("model has no .config; build it with deeplab_core.build_model")
+    state = {k: v.detach().cpu() for k, v in bare.state_dict().items()}
+    return {"model": state, "model_config": dict(bare.config), "meta": dict(meta or {})}
+
+
+def save_checkpoint_dir(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
+    """Write `model.pt` into a local directory (created if needed); returns the directory."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(model_payload(model, meta), path / MODEL_FILE)
+    return path
+
+
+def build_from_payload(payload: dict, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    missing = {"model", "model_config"} - set(payload)
+    if missing:
+        raise ValueError(f"not a deeplab-ray checkpoint: missing {sorted(missing)}")
+    config = dict(payload["model_config"])
+    config.pop("pretrained", None)  # weights come from the checkpoint, never re-downloaded
+    model = build_model(**config)
+    model.load_state_dict(payload["model"])
+    return model.to(map_location).eval(), dict(payload.get("meta", {}))
+
+
+def model_from_checkpoint_file(uri: str, map_location: str | torch.device = "cpu",
+                               storage_options: dict | None = None) -> tuple[nn.Module, dict]:
+    fs, path = get_fs(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    return build_from_payload(payload, map_location)
+
+
+def checkpoint_file_in(local_dir: str) -> str:
+    for root, _, files in os.walk(local_dir):
+        if MODEL_FILE in files:
+            return os.path.join(root, MODEL_FILE)
+    raise FileNotFoundError(f"no {MODEL_FILE} under {local_dir}")
+
+
+def load_model(uri: str, map_location: str | torch.device = "cpu",
+               storage_options: dict | None = None) -> tuple[nn.Module, dict]:
+    """Load a model in eval mode from any of:
+
+    `models:/name@alias`, `models:/name/version`, `runs:/<run_id>/model` (MLflow, using the
+    current tracking URI), a checkpoint directory or a `model.pt` file on any fsspec URI.
+    """
+    if is_registry_uri(uri):
+        with downloaded_model(uri) as local:
+            return model_from_checkpoint_file(checkpoint_file_in(local), map_location)
+    fs, path = get_fs(uri, storage_options)
+    if fs.isdir(path):
+        uri = uri.rstrip("/") + "/" + MODEL_FILE
+    return model_from_checkpoint_file(uri, map_location, storage_options)

@@ -1,0 +1,35 @@
+"""MLflow "model from code" for a DeepLab checkpoint.
+
+Logged as code (not a pickle), so registering a model never pickles Python objects; the weights
+live beside it as the `checkpoint` artifact (`model.pt`) and load with `weights_only=True`.
+`mlflow.pyfunc.load_model(uri).predict(images)` takes uint8 N x H x W x 3 images and returns
+N x H x W class indices (plain single-scale inference; the batch job adds TTA and CRF).
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+
+
+class DeepLabPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from pipelines.common.checkpoints import model_from_checkpoint_file
+
+        self.model, self.meta = model_from_checkpoint_file(context.artifacts["checkpoint"])
+        self.model.eval()
+
+    def predict(self, context, model_input, params=None):  # noqa: ARG002 - pyfunc signature
+        import torch
+
+        from deeplab_core.transforms import normalize
+
+        images = np.asarray(model_input)
+        if images.ndim == 3:
+            images = images[None]
+        batch = torch.stack([normalize(img, self.meta["mean"], self.meta["std"]) for img in images])
+        with torch.inference_mode():
+            return self.model(batch).argmax(1).to(torch.uint8).numpy()
+
+
+mlflow.models.set_model(DeepLabPyfunc())

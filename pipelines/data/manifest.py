@@ -1,0 +1,244 @@
+"""Manifests: the table of ``{id, image_uri, mask_uri}`` rows that defines a dataset.
+
+A run reads its manifest instead of listing a bucket (listing millions of keys on every run is
+slow and costs money); the importers list a layout once and write the manifest. Tables are built
+column-wise with pyarrow (joins, string kernels), never row by row.
+
+``mask_uri`` is null for inference-only rows. Manifests are parquet, CSV or JSONL, by extension.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.data.storage import (
+    absolute_uri,
+    get_fs,
+    join_uri,
+    read_table,
+    uri_for,
+    write_table,
+)
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("id", "image_uri", "mask_uri")
+MANIFEST_SCHEMA = pa.schema([(name, pa.string()) for name in MANIFEST_COLUMNS])
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+MASK_EXTENSIONS = (".png",)
+
+
+class ManifestError(ValueError):
+    """A manifest (or a layout being imported) is malformed; the message says where and how."""
+
+
+# --------------------------------------------------------------------------- read / write
+
+
+def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+    """Reads a parquet/CSV/JSONL manifest and validates it (see :func:`validate_table`).
+
+    Returns a table with string columns ``id, image_uri, mask_uri`` (in that order; a missing
+    ``mask_uri`` column reads as all-null, empty strings as null). Other columns are dropped.
+    """
+    try:
+        table = read_table(uri, storage_options, string_columns=MANIFEST_COLUMNS)
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {uri} does not exist") from None
+    return validate_table(table, source=str(uri))
+
+
+def write_manifest(
+    rows_or_table: pa.Table | Iterable[Mapping[str, Any]] | Mapping[str, list],
+    uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Validates and writes a manifest (format by extension); returns ``uri``.
+
+    Accepts a pyarrow table, a dict of columns, or an iterable of row dicts.
+    """
+    if isinstance(rows_or_table, pa.Table):
+        table = rows_or_table
+    elif isinstance(rows_or_table, Mapping):
+        table = pa.table(dict(rows_or_table))
+    else:
+        table = pa.Table.from_pylist(list(rows_or_table))
+    table = validate_table(table, source=str(uri))
+    return write_table(table, uri, storage_options)
+
+
+def validate_table(table: pa.Table, source: str = "manifest") -> pa.Table:
+    """Checks columns, types, non-empty ids and image URIs, unique ids; normalises to the
+    manifest schema (``mask_uri`` added as null if absent, empty ``mask_uri`` -> null)."""
+    missing = [c for c in ("id", "image_uri") if c not in table.column_names]
+    if missing:
+        raise ManifestError(
+            f"{source}: missing column(s) {missing}; a manifest needs {list(MANIFEST_COLUMNS)} "
+            f"(mask_uri optional), found {table.column_names}"
+        )
+    if "mask_uri" not in table.column_names:
+        table = table.append_column("mask_uri", pa.nulls(table.num_rows, pa.string()))
+    columns = {}
+    for name in MANIFEST_COLUMNS:
+        column = table.column(name)
+        if column.type != pa.string():
+            try:
+                column = column.cast(pa.string())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise ManifestError(f"{source}: column {name} has type {column.type}, "
+                                    "expected strings") from None
+        columns[name] = column
+    for name in ("id", "image_uri"):
+        empty = pc.or_kleene(pc.is_null(columns[name]), pc.equal(columns[name], "")).fill_null(True)
+        count = pc.sum(empty).as_py() or 0
+        if count:
+            first = pc.index(empty, True).as_py()
+            raise ManifestError(f"{source}: {count} row(s) with an empty {name} (first at row {first})")
+    mask = columns["mask_uri"]
+    columns["mask_uri"] = pc.if_else(pc.equal(mask, ""), pa.scalar(None, pa.string()), mask)
+    table = pa.table(columns, schema=MANIFEST_SCHEMA)
+    _check_unique_ids(table, source)
+    return table
+
+
+def _check_unique_ids(table: pa.Table, source: str) -> None:
+    counts = pc.value_counts(table.column("id"))
+    duplicated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(duplicated):
+        shown = duplicated.to_pylist()[:5]
+        raise ManifestError(f"{source}: {len(duplicated)} duplicate id(s), e.g. {shown}")
+
+
+# --------------------------------------------------------------------------- importers
+
+
+def import_voc(
+    root: str,
+    split: str,
+    out_uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    mask_dir: str = "SegmentationClass",
+    image_dir: str = "JPEGImages",
+    image_ext: str = ".jpg",
+) -> str:
+    """Manifest of a PASCAL VOC layout: ids from ``ImageSets/Segmentation/{split}.txt``, images
+    ``{image_dir}/{id}.jpg``, masks ``{mask_dir}/{id}.png`` (``SegmentationClassAug`` for the
+    augmented set). The split file is authoritative: files it names but that are missing are not
+    dropped here; ``ingest.validate_manifest`` reports them as error records."""
+    root = absolute_uri(root)
+    split_uri = join_uri(root, "ImageSets", "Segmentation", f"{split}.txt")
+    fs, split_path = get_fs(split_uri, storage_options)
+    try:
+        text = fs.cat_file(split_path).decode()
+    except FileNotFoundError:
+        raise ManifestError(f"VOC split file {split_uri} does not exist") from None
+    ids = pa.array([line.split()[0] for line in text.splitlines() if line.strip()], pa.string())
+    table = pa.table(
+        {
+            "id": ids,
+            "image_uri": _wrap(ids, join_uri(root, image_dir, ""), image_ext),
+            "mask_uri": _wrap(ids, join_uri(root, mask_dir, ""), ".png"),
+        }
+    )
+    return write_manifest(table, out_uri, storage_options)
+
+
+def import_cityscapes(
+    root: str,
+    split: str,
+    out_uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    label_suffix: str = "_gtFine_labelTrainIds.png",
+) -> str:
+    """Manifest of a Cityscapes layout: ``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` matched
+    with ``gtFine/{split}/{city}/*{label_suffix}`` (train ids, made by cityscapesscripts'
+    ``createTrainIdLabelImgs``). Images without a label get a null ``mask_uri``."""
+    root = absolute_uri(root)
+    images = _list_by_id(join_uri(root, "leftImg8bit", split), "_leftImg8bit.png",
+                         storage_options, "image_uri")
+    if images.num_rows == 0:
+        raise ManifestError(f"no *_leftImg8bit.png under {join_uri(root, 'leftImg8bit', split)}")
+    labels = _list_by_id(join_uri(root, "gtFine", split), label_suffix, storage_options, "mask_uri")
+    if labels.num_rows == 0 and split != "test":
+        logger.warning("no *%s under %s: all masks will be null (run cityscapesscripts' "
+                       "createTrainIdLabelImgs to make them)", label_suffix,
+                       join_uri(root, "gtFine", split))
+    table = _match(images, labels, f"{root} ({split})")
+    return write_manifest(table, out_uri, storage_options)
+
+
+def import_folders(
+    images_uri: str,
+    masks_uri: str | None,
+    out_uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    image_extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+    mask_extensions: tuple[str, ...] = MASK_EXTENSIONS,
+    strict: bool = False,
+) -> str:
+    """Manifest of an ``images/`` + ``masks/`` folder pair matched by relative path without the
+    extension (``images/a/1.jpg`` <-> ``masks/a/1.png``, id ``a/1``). Images without a mask get
+    a null ``mask_uri``; masks without an image are reported (a warning, or a
+    :class:`ManifestError` with ``strict``). ``masks_uri=None`` makes an inference manifest."""
+    images = _list_by_id(images_uri, image_extensions, storage_options, "image_uri")
+    if images.num_rows == 0:
+        raise ManifestError(f"no images ({', '.join(image_extensions)}) under {images_uri}")
+    if masks_uri is None:
+        masks = pa.table({"id": pa.array([], pa.string()), "mask_uri": pa.array([], pa.string())})
+    else:
+        masks = _list_by_id(masks_uri, mask_extensions, storage_options, "mask_uri")
+    table = _match(images, masks, str(images_uri), strict=strict)
+    return write_manifest(table, out_uri, storage_options)
+
+
+def _wrap(ids: pa.Array, prefix: str, suffix: str) -> pa.Array:
+    return pc.binary_join_element_wise(prefix, ids, suffix, "")
+
+
+def _list_by_id(
+    root_uri: str,
+    suffixes: str | tuple[str, ...],
+    storage_options: Mapping[str, Any] | None,
+    uri_column: str,
+) -> pa.Table:
+    """One recursive listing of ``root_uri``: a table ``(id, uri_column)`` of the files ending in
+    ``suffixes`` (case-insensitive), id = path relative to the root minus the suffix."""
+    fs, root_path = get_fs(root_uri, storage_options)
+    suffixes = (suffixes,) if isinstance(suffixes, str) else suffixes
+    try:
+        paths = pa.array(sorted(fs.find(root_path)), pa.string())
+    except FileNotFoundError:
+        paths = pa.array([], pa.string())
+    prefix = root_path.rstrip("/") + "/"
+    uri_prefix = uri_for(fs, prefix, root_uri)
+    paths = pc.filter(paths, pc.starts_with(paths, prefix))
+    relative = pc.utf8_slice_codeunits(paths, start=len(prefix))
+    lowered = pc.utf8_lower(relative)
+    parts = []
+    for suffix in dict.fromkeys(s.lower() for s in suffixes):
+        selected = pc.filter(relative, pc.ends_with(lowered, suffix))
+        parts.append(pa.table({
+            "id": pc.utf8_slice_codeunits(selected, start=0, stop=-len(suffix)),
+            uri_column: pc.binary_join_element_wise(uri_prefix, selected, ""),
+        }))
+    return pa.concat_tables(parts).sort_by("id")
+
+
+def _match(images: pa.Table, masks: pa.Table, source: str, strict: bool = False) -> pa.Table:
+    """Left join images to masks by id; reports masks without an image."""
+    for name, table in (("image", images), ("mask", masks)):
+        _check_unique_ids(table, f"{source}: {name} listing")
+    orphans = masks.join(images.select(["id"]), keys="id", join_type="left anti")
+    if orphans.num_rows:
+        shown = sorted(orphans.column("id").to_pylist())[:5]
+        message = f"{source}: {orphans.num_rows} mask(s) without an image, e.g. {shown}"
+        if strict:
+            raise ManifestError(message)
+        logger.warning(message)
+    table = images.join(masks, keys="id", join_type="left outer")
+    return table.select(list(MANIFEST_COLUMNS)).sort_by("id")

@@ -1,0 +1,292 @@
+"""Registry access for promotion: versions, aliases and tags through an MlflowClient, metrics on
+a common validation manifest, the promotion lock, and MLflow errors as one-line PromotionErrors.
+
+Race safety: MLflow has no compare-and-set for aliases, so the read-compare-set step runs under a
+lock that the registry itself makes atomic: creating a registered model whose name already exists
+fails on the server's unique constraint. The lock is the (empty) registered model
+`<name>.promotion-lock`, deleted on release, and broken when older than `stale_after_s` (a killed
+promoter).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from pipelines.promotion.policy import EXIT_ERROR, EXIT_USAGE, TAG_PREFIX
+
+if TYPE_CHECKING:  # mlflow is imported lazily: `--help` and usage errors stay fast
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+MANIFEST_TAG = "val_manifest"
+LOCK_SUFFIX = ".promotion-lock"
+
+# (model_uri, manifest_uri) -> metrics dict, e.g. {"mIoU": 0.71, ...}
+Evaluator = Callable[[str, str], Mapping[str, float]]
+
+
+class PromotionError(Exception):
+    """A failure the CLI reports in one line; `exit_code` says which kind."""
+
+    exit_code = EXIT_ERROR
+
+
+class UsageError(PromotionError):
+    """Unknown model or version, bad arguments, nothing to compare on."""
+
+    exit_code = EXIT_USAGE
+
+
+class RegistryUnreachable(PromotionError):
+    exit_code = EXIT_ERROR
+
+
+def _mlflow_error_code(exc: BaseException) -> str | None:
+    return getattr(exc, "error_code", None)
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    """MLflow wraps requests' connection errors in a generic MlflowException; look underneath."""
+    import requests
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextmanager
+def registry_errors(tracking_uri: str) -> Iterator[None]:
+    """Turn MLflow's exceptions into PromotionError subclasses with one readable line."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        if _is_connection_failure(exc):
+            raise RegistryUnreachable(f"cannot reach the MLflow registry at {tracking_uri}") from exc
+        if _mlflow_error_code(exc) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise UsageError(exc.message) from exc
+        raise PromotionError(f"MLflow error: {exc.message}") from exc
+
+
+def alias_target(client: "MlflowClient", name: str, alias: str) -> str | None:
+    """The version number `alias` points to, or None."""
+    version = (client.get_registered_model(name).aliases or {}).get(alias)
+    return None if version is None else str(version)
+
+
+def champion_version(client: "MlflowClient", name: str, alias: str) -> "ModelVersion | None":
+    version = alias_target(client, name, alias)
+    return None if version is None else client.get_model_version(name, version)
+
+
+def resolve_candidate(client: "MlflowClient", name: str, candidate: str) -> "ModelVersion":
+    """`candidate` is a version number or `latest` (the highest version number)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if _mlflow_error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+            raise UsageError(f"registered model {name!r} does not exist") from exc
+        raise
+    if candidate == "latest":
+        found = client.search_model_versions(f"name = '{name}'", max_results=1,
+                                             order_by=["version_number DESC"])
+        if not found:
+            raise UsageError(f"registered model {name!r} has no versions")
+        return client.get_model_version(name, found[0].version)
+    if not candidate.isdigit() or int(candidate) < 1:
+        raise UsageError(f"candidate must be a version number or 'latest', got {candidate!r}")
+    try:
+        return client.get_model_version(name, candidate)
+    except MlflowException as exc:
+        if _mlflow_error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+            raise UsageError(f"registered model {name!r} has no version {candidate}") from exc
+        raise
+
+
+def _manifest_key(manifest: str) -> str:
+    return hashlib.sha1(manifest.encode()).hexdigest()[:10]
+
+
+def evaluation_tags(metric: str, manifest: str) -> tuple[str, str]:
+    """Tag keys of a metric measured by promotion on `manifest` (MLflow tag keys cannot hold a
+    URI, so the manifest is named by a digest and stored beside the value)."""
+    prefix = f"{TAG_PREFIX}eval.{_manifest_key(manifest)}"
+    return f"{prefix}.{metric}", f"{prefix}.manifest"
+
+
+def _as_metric(value: str, what: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise PromotionError(f"{what} is not a number: {value!r}") from None
+    if not math.isfinite(number):
+        raise PromotionError(f"{what} is not finite: {value!r}")
+    return number
+
+
+def recorded_metric(version: "ModelVersion", metric: str, manifest: str | None) -> float | None:
+    """The version's metric on `manifest` if a tag already holds it, else None.
+
+    The training-time tag counts when its `val_manifest` is the same manifest (or both are
+    unknown); a value promotion measured earlier on `manifest` counts too.
+    """
+    tags = version.tags or {}
+    what = f"version {version.version} tag {metric}"
+    if metric in tags and tags.get(MANIFEST_TAG) == manifest:
+        return _as_metric(tags[metric], what)
+    if manifest is not None:
+        value_key, _ = evaluation_tags(metric, manifest)
+        if value_key in tags:
+            return _as_metric(tags[value_key], f"version {version.version} tag {value_key}")
+    return None
+
+
+def mlflow_evaluator(client: "MlflowClient") -> Evaluator:
+    """pipelines.evaluate.evaluate_model (plain single-scale inference, as in training's
+    validation) on a registered version, downloaded through `client`.
+
+    The client's server is used explicitly rather than through mlflow.set_tracking_uri, which
+    would change the process' environment (MLflow 3 exports it) for everything that runs after.
+    """
+
+    def evaluate(model_uri: str, manifest_uri: str) -> Mapping[str, float]:
+        import mlflow
+
+        from pipelines.common.checkpoints import checkpoint_file_in
+        from pipelines.segmentation.evaluation import evaluate_model
+
+        name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
+        location = client.get_model_version_download_uri(name, version)
+        print(f"promote: evaluating {model_uri} on {manifest_uri}", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix="promote-") as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
+                                                        tracking_uri=client.tracking_uri)
+            try:
+                checkpoint = checkpoint_file_in(local)
+            except FileNotFoundError as err:
+                raise PromotionError(f"the model version has no checkpoint: {err}") from None
+            return evaluate_model(checkpoint, manifest_uri)
+
+    return evaluate
+
+
+def _evaluated_value(metrics: Mapping[str, float], metric: str) -> float:
+    """`val_mIoU` is reported by the evaluator as `mIoU`."""
+    for key in (metric, metric.removeprefix("val_")):
+        if key in metrics:
+            return _as_metric(str(metrics[key]), f"evaluated {key}")
+    raise PromotionError(f"the evaluation returned no {metric!r} (keys: {sorted(metrics)})")
+
+
+def metric_on_manifest(client: "MlflowClient", version: "ModelVersion", metric: str,
+                       manifest: str | None, evaluate: Evaluator, record: bool) -> float:
+    """The version's metric on `manifest`: from its tags, else evaluated (and recorded as tags
+    unless `record` is False)."""
+    value = recorded_metric(version, metric, manifest)
+    if value is not None:
+        return value
+    if manifest is None:
+        raise UsageError(f"version {version.version} has no {metric!r} tag and no validation "
+                         "manifest is known: pass --val-manifest to evaluate it")
+    value = _evaluated_value(evaluate(f"models:/{version.name}/{version.version}", manifest), metric)
+    if record:
+        tags = version.tags or {}
+        if metric not in tags and tags.get(MANIFEST_TAG) in (None, manifest):
+            # A version registered without its metric gets the training-time pair filled in.
+            new_tags = {metric: repr(value), MANIFEST_TAG: manifest}
+        else:
+            value_key, manifest_key = evaluation_tags(metric, manifest)
+            new_tags = {value_key: repr(value), manifest_key: manifest}
+        for key, text in new_tags.items():
+            client.set_model_version_tag(version.name, version.version, key, text)
+    return value
+
+
+def reference_manifest(explicit: str | None, candidate: "ModelVersion",
+                       champion: "ModelVersion | None") -> str | None:
+    """The manifest both versions are compared on: --val-manifest, else the candidate's, else
+    the champion's `val_manifest` tag."""
+    if explicit:
+        return explicit
+    for version in (candidate, champion):
+        if version is not None and (version.tags or {}).get(MANIFEST_TAG):
+            return version.tags[MANIFEST_TAG]
+    return None
+
+
+def _lock_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def promotion_lock(client: "MlflowClient", name: str, timeout_s: float = 120.0,
+                   stale_after_s: float = 600.0, poll_s: float = 0.2) -> Iterator[str]:
+    """Hold `<name>.promotion-lock` (an empty registered model) for the read-compare-set step."""
+    from mlflow.exceptions import MlflowException
+
+    lock_name = name + LOCK_SUFFIX
+    owner = _lock_owner()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock_name, tags={"owner": owner},
+                description=f"Held while promoting {name!r}; delete it only if stuck.")
+            break
+        except MlflowException as exc:
+            if _mlflow_error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+                raise
+        _break_if_stale(client, lock_name, stale_after_s)
+        if time.monotonic() > deadline:
+            raise PromotionError(f"timed out after {timeout_s:.0f}s waiting for the lock "
+                                 f"{lock_name!r} (another promotion is running)")
+        time.sleep(poll_s * (0.5 + (uuid.uuid4().int % 100) / 100))  # jitter: no lock-step retries
+    try:
+        yield lock_name
+    finally:
+        _release(client, lock_name, owner)
+
+
+def _break_if_stale(client: "MlflowClient", lock_name: str, stale_after_s: float) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        lock = client.get_registered_model(lock_name)
+    except MlflowException as exc:
+        if _mlflow_error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+            return  # released meanwhile
+        raise
+    age_s = time.time() - lock.creation_timestamp / 1000
+    if age_s > stale_after_s:
+        print(f"promote: breaking stale lock {lock_name!r} held by {lock.tags.get('owner')} "
+              f"for {age_s:.0f}s", file=sys.stderr)
+        _release(client, lock_name, owner=None)
+
+
+def _release(client: "MlflowClient", lock_name: str, owner: str | None) -> None:
+    """Delete the lock (only ours, unless `owner` is None: breaking a stale one)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if owner is not None and client.get_registered_model(lock_name).tags.get("owner") != owner:
+            return
+        client.delete_registered_model(lock_name)
+    except MlflowException as exc:
+        if _mlflow_error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+            raise

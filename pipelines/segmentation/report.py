@@ -1,0 +1,136 @@
+"""What the driver makes of the stream: counts, stage times, the evaluation table."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipelines.data.errors import RunSummary
+from pipelines.segmentation.config import SegmentConfig
+from pipelines.segmentation.io import STATUS_OK
+from pipelines.segmentation.stages import (
+    CM,
+    CM_CRF,
+    CM_PLAIN,
+    CM_TTA,
+    ERROR_STAGE,
+    HAS_GT,
+    STATUS,
+)
+
+
+@dataclass
+class Tally:
+    """What the driver sees stream past: counts, stage times, summed confusion matrices."""
+
+    ok: int = 0
+    errors: int = 0
+    scored: int = 0  # ok images with a ground-truth mask (in the confusion matrices)
+    errors_by_stage: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "model": 0.0, "crf": 0.0})
+    cms: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.errors
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        status = batch[STATUS]
+        ok = status == STATUS_OK
+        self.ok += int(ok.sum())
+        self.errors += int((~ok).sum())
+        if HAS_GT in batch:
+            self.scored += int((ok & np.asarray(batch[HAS_GT], dtype=bool)).sum())
+        for stage in batch[ERROR_STAGE][~ok]:
+            self.errors_by_stage[str(stage)] = self.errors_by_stage.get(str(stage), 0) + 1
+        for name in self.seconds:
+            column = batch.get(f"seconds_{name}")
+            if column is not None:
+                self.seconds[name] += float(np.asarray(column, dtype=float)[ok].sum())
+        for name in (CM_PLAIN, CM_TTA, CM_CRF, CM):
+            if name in batch:
+                total = np.asarray(batch[name])[ok].sum(axis=0)
+                self.cms[name] = self.cms.get(name, 0) + total
+
+
+def consume(ds, total: int, every_s: float, label: str = "segment") -> Tally:
+    tally = Tally()
+    start = last = time.monotonic()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        tally.add(batch)
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            rate = tally.done / max(now - start, 1e-9)
+            print(f"[{label}] {tally.done}/{total} images (ok {tally.ok}, errors {tally.errors}), "
+                  f"{rate:.2f} images/s", flush=True)
+    return tally
+
+
+@dataclass
+class SegmentReport:
+    run_id: str
+    model_uri: str
+    read: int
+    ok: int
+    errors: int
+    skipped: int
+    seconds: float
+    stage_seconds: dict[str, float]
+    errors_by_stage: dict[str, int]
+    evaluation: dict[str, dict] | None = None
+    table: str | None = None
+    watermark: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.read != self.ok + self.errors + self.skipped:
+            raise RuntimeError(f"inputs unaccounted for: read={self.read} != ok={self.ok} + "
+                               f"errors={self.errors} + skipped={self.skipped}")
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.ok + self.errors) / self.seconds if self.seconds > 0 else 0.0
+
+    def summary_line(self) -> str:
+        return (f"read {self.read} = ok {self.ok} + errors {self.errors} + skipped {self.skipped} "
+                f"(already done); {self.images_per_s:.2f} images/s over {self.seconds:.1f} s")
+
+    def run_summary(self) -> RunSummary:
+        """The processed part as the shared ``read == ok + errors`` summary (skipped left out)."""
+        return RunSummary(read=self.read - self.skipped, ok=self.ok, errors=self.errors)
+
+
+def format_scales(scales: Sequence[float]) -> str:
+    return ",".join(f"{s:g}" for s in scales)
+
+
+def evaluation_rows(cfg: SegmentConfig) -> list[tuple[str, str, bool, bool, str]]:
+    scales = format_scales(cfg.scales)
+    return [
+        ("plain", "1", False, False, CM_PLAIN),
+        ("+ multi-scale + flip", scales, cfg.flip, False, CM_TTA),
+        ("+ dense CRF", scales, cfg.flip, True, CM_CRF),
+    ]
+
+
+def evaluation_table(tally: Tally, cfg: SegmentConfig, images: int) -> tuple[dict[str, dict], str]:
+    """Metrics per variant and the Markdown table (mIoU, pixel accuracy) for --eval."""
+    from deeplab_core.metrics import segmentation_metrics
+
+    metrics, lines = {}, [
+        "| variant | scales | flip | CRF | mIoU | pixel acc | images |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, scales, flip, crf, column in evaluation_rows(cfg):
+        result = segmentation_metrics(tally.cms[column])
+        metrics[name] = result
+        crf_text = f"yes ({cfg.crf_params.iterations} it)" if crf else "no"
+        lines.append(f"| {name} | {scales} | {'yes' if flip else 'no'} | {crf_text} | "
+                     f"{100 * result['mIoU']:.2f} | {100 * result['pixel_acc']:.2f} | {images} |")
+    return metrics, "\n".join(lines)
+
+
+METRIC_KEYS = {"plain": "plain", "+ multi-scale + flip": "msf", "+ dense CRF": "msf_crf"}

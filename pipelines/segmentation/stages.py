@@ -1,0 +1,361 @@
+"""The Ray Data stages of batch segmentation (run on workers), and the columns they pass on.
+
+    decode  (CPU tasks)   id, uri, mask_uri -> + image, [gt, has_gt], status, seconds_decode
+    model   (actor pool)  -> + label, [probs], [cm_plain, cm_tta | cm], seconds_model
+    crf     (CPU tasks)   -> label refined, [cm_crf | cm], seconds_crf   (pydensecrf holds the GIL)
+    write   (CPU tasks)   masks, overlays, then the batch's results/errors parts; pixels dropped
+
+Which optional columns exist is decided once per run by the `InferencePlan`; the column names
+are the constants below, so every stage and the driver agree on them.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from deeplab_core.constants import IMAGENET_MEAN, IMAGENET_STD, CRFParams
+from pipelines.data.errors import ErrorRecord
+from pipelines.data.rows import RowDecoder
+from pipelines.data.storage import resolve_storage_options, scrub
+from pipelines.segmentation.io import (
+    STATUS_ERROR,
+    STATUS_OK,
+    OutputLayout,
+    write_atomically,
+    write_parts,
+)
+
+# Columns. Always present: ID .. SECONDS_DECODE. The others as the plan says.
+ID, URI, MASK_URI = "id", "uri", "mask_uri"
+STATUS, ERROR_STAGE, ERROR_REASON = "status", "error_stage", "error_reason"
+IMAGE, GT, HAS_GT, PROBS, LABEL = "image", "gt", "has_gt", "probs", "label"
+SECONDS_DECODE, SECONDS_MODEL, SECONDS_CRF = "seconds_decode", "seconds_model", "seconds_crf"
+CM_PLAIN, CM_TTA, CM_CRF, CM = "cm_plain", "cm_tta", "cm_crf", "cm"  # confusion matrices per image
+STATUS_COLUMNS = (STATUS, ERROR_STAGE, ERROR_REASON)
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """What the workers compute; derived from the config, identical for every batch of a run."""
+
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    scales: tuple[float, ...]
+    flip: bool
+    fusion: str
+    max_pixels: int | None
+    crf: bool  # the output masks are CRF-refined
+    crf_params: CRFParams
+    table: bool  # evaluation table: confusion matrices for plain, +MS+flip, +CRF
+    score: bool  # one confusion matrix for the output masks (evaluate_model)
+    overlays: bool
+    max_input_pixels: int
+    storage_options: Mapping[str, Any] | None
+
+    @property
+    def run_crf(self) -> bool:
+        return self.crf or self.table
+
+    @property
+    def with_masks(self) -> bool:
+        return self.table or self.score
+
+
+def num_classes_of(model) -> int:
+    config = getattr(model, "config", None) or {}
+    if "num_classes" in config:
+        return int(config["num_classes"])
+    import torch
+
+    with torch.inference_mode():  # a model without .config: ask it
+        return int(model.eval()(torch.zeros(1, 3, 64, 64)).shape[1])
+
+
+def normalisation_of(meta: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return tuple(meta.get("mean") or IMAGENET_MEAN), tuple(meta.get("std") or IMAGENET_STD)
+
+
+def _object_array(values: Sequence[Any]) -> np.ndarray:
+    """A 1-D object array (Ray Data stores arrays of differing shapes as a variable-shaped column)."""
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
+
+
+def _placeholder_image() -> np.ndarray:
+    return np.zeros((1, 1, 3), np.uint8)
+
+
+def _placeholder_mask() -> np.ndarray:
+    return np.zeros((1, 1), np.uint8)
+
+
+def _writable_status(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Copies of the status columns that stages may update (zero-copy batches are read-only)."""
+    for name in STATUS_COLUMNS:
+        batch[name] = np.array(batch[name], dtype=object)
+    return batch
+
+
+def summary_columns(plan: InferencePlan) -> list[str]:
+    """The per-image columns that reach the driver (no pixels)."""
+    columns = [ID, STATUS, ERROR_STAGE, SECONDS_DECODE, SECONDS_MODEL]
+    if plan.run_crf:
+        columns.append(SECONDS_CRF)
+    if plan.with_masks:
+        columns.append(HAS_GT)
+    if plan.table:
+        columns += [CM_PLAIN, CM_TTA, CM_CRF]
+    if plan.score:
+        columns.append(CM)
+    return columns
+
+
+def _mark_error(batch: dict, i: int, stage: str, reason: str) -> None:
+    batch[STATUS][i] = STATUS_ERROR
+    batch[ERROR_STAGE][i] = stage
+    batch[ERROR_REASON][i] = reason[:500]
+
+
+def _error_reason(err: BaseException, uri: str, storage_options) -> str:
+    """The error as text, with any credential of the storage options scrubbed out."""
+    return scrub(f"{type(err).__name__}: {err}", resolve_storage_options(uri, storage_options))
+
+
+def decode_stage(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np.ndarray]:
+    """Reads and decodes images (and ground-truth masks when scoring) with the shared row decoder;
+    failures become error rows."""
+    n = len(batch[ID])
+    start = time.perf_counter()
+    decoder = RowDecoder(plan.storage_options, plan.num_classes, plan.max_input_pixels,
+                         require_masks=False, read_masks=plan.with_masks)
+    mask_uris = list(batch[MASK_URI]) if plan.with_masks else None
+    decoded = decoder.decode_rows(list(batch[ID]), list(batch[URI]), mask_uris)
+    out = {
+        ID: batch[ID], URI: batch[URI],
+        STATUS: np.full(n, STATUS_OK, dtype=object),
+        ERROR_STAGE: np.full(n, "", dtype=object), ERROR_REASON: np.full(n, "", dtype=object),
+    }
+    images, masks, has_gt = [], [], np.zeros(n, bool)
+    for i, row in enumerate(decoded):
+        if row.error is not None:
+            _mark_error(out, i, row.error.stage, row.error.reason)
+        ok = row.error is None
+        images.append(row.image if ok else _placeholder_image())
+        has_gt[i] = ok and row.mask is not None
+        masks.append(row.mask if has_gt[i] else _placeholder_mask())
+    # Files of a batch are fetched concurrently: each image is charged an equal share.
+    out.update({IMAGE: _object_array(images), SECONDS_DECODE: np.full(n, (time.perf_counter() - start) / max(n, 1))})
+    if plan.with_masks:
+        out.update({GT: _object_array(masks), HAS_GT: has_gt})
+    return out
+
+
+def _confusion(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
+    from deeplab_core.metrics import confusion_matrix
+
+    return confusion_matrix(np.array(pred), np.array(gt), num_classes)  # writable copies for torch
+
+
+class ModelStage:
+    """One model per actor; batches are grouped by image size and run through ``predict_probs``."""
+
+    def __init__(self, model_ref, plan: InferencePlan, device: str, num_threads: int) -> None:
+        import ray
+        import torch
+
+        model = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
+        if device == "cpu":
+            torch.set_num_threads(max(1, num_threads))
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.plan = plan
+
+    def _probs(self, images: list[np.ndarray], scales, flip: bool):
+        import torch
+
+        from deeplab_core.transforms import normalize
+        from deeplab_core.tta import predict_probs
+
+        batch = torch.stack([normalize(img, self.plan.mean, self.plan.std) for img in images])
+        return predict_probs(self.model, batch, scales=scales, flip=flip, fusion=self.plan.fusion,
+                             max_pixels=self.plan.max_pixels)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        plan, n = self.plan, len(batch[ID])
+        batch = _writable_status(dict(batch))
+        labels = [_placeholder_mask()] * n
+        probs_out = [np.zeros((plan.num_classes, 1, 1), np.float16)] * n
+        cms = {name: np.zeros((n, plan.num_classes, plan.num_classes), np.int64)
+               for name in self._cm_columns()}
+        seconds = np.zeros(n)
+        plain_variant = tuple(plan.scales) == (1.0,) and not plan.flip
+        for group in _groups_by_shape(batch):
+            start = time.perf_counter()
+            images = [batch[IMAGE][i] for i in group]
+            try:
+                probs = self._probs(images, plan.scales, plan.flip)
+                plain = probs if (not plan.table or plain_variant) else self._probs(images, (1.0,), False)
+            except Exception as err:  # noqa: BLE001 - e.g. out of memory on one huge image
+                for i in group:
+                    _mark_error(batch, i, "model", f"{type(err).__name__}: {err}")
+                continue
+            probs_np = probs.float().cpu().numpy()
+            label_np = probs_np.argmax(1).astype(np.uint8)
+            plain_np = plain.argmax(1).cpu().numpy().astype(np.uint8) if plan.table else None
+            elapsed = (time.perf_counter() - start) / len(group)
+            for j, i in enumerate(group):
+                labels[i] = label_np[j]
+                seconds[i] = elapsed
+                if plan.run_crf:
+                    probs_out[i] = probs_np[j].astype(np.float16)  # half the bytes across the object store
+                if plan.with_masks and batch[HAS_GT][i]:
+                    if plan.table:
+                        cms[CM_PLAIN][i] = _confusion(plain_np[j], batch[GT][i], plan.num_classes)
+                        cms[CM_TTA][i] = _confusion(label_np[j], batch[GT][i], plan.num_classes)
+                    if plan.score and not plan.run_crf:
+                        cms[CM][i] = _confusion(label_np[j], batch[GT][i], plan.num_classes)
+        out = {k: batch[k] for k in (ID, URI, STATUS, ERROR_STAGE, ERROR_REASON, SECONDS_DECODE)}
+        out.update({LABEL: _object_array(labels), SECONDS_MODEL: seconds, **cms})
+        if plan.run_crf or plan.overlays:
+            out[IMAGE] = batch[IMAGE]
+        if plan.with_masks:
+            out[HAS_GT] = batch[HAS_GT]
+        if plan.run_crf:
+            out[PROBS] = _object_array(probs_out)
+            if plan.with_masks:
+                out[GT] = batch[GT]
+        return out
+
+    def _cm_columns(self) -> list[str]:
+        names = [CM_PLAIN, CM_TTA] if self.plan.table else []
+        if self.plan.score and not self.plan.run_crf:
+            names.append(CM)
+        return names
+
+
+def _groups_by_shape(batch: dict[str, np.ndarray]) -> list[list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, status in enumerate(batch[STATUS]):
+        if status == STATUS_OK:
+            groups.setdefault(batch[IMAGE][i].shape, []).append(i)
+    return list(groups.values())
+
+
+def crf_stage(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np.ndarray]:
+    """Dense CRF on the model's probabilities; the output label is the CRF's when ``plan.crf``."""
+    from deeplab_core.crf import dense_crf
+
+    n = len(batch[ID])
+    batch = _writable_status(dict(batch))
+    labels = list(batch[LABEL])
+    seconds = np.zeros(n)
+    cms = {}
+    if plan.table:
+        cms[CM_CRF] = np.zeros((n, plan.num_classes, plan.num_classes), np.int64)
+    if plan.score:
+        cms[CM] = np.zeros((n, plan.num_classes, plan.num_classes), np.int64)
+    for i in range(n):
+        if batch[STATUS][i] != STATUS_OK:
+            continue
+        start = time.perf_counter()
+        try:
+            refined = dense_crf(batch[IMAGE][i], batch[PROBS][i], **asdict(plan.crf_params))
+        except Exception as err:  # noqa: BLE001
+            _mark_error(batch, i, "crf", f"{type(err).__name__}: {err}")
+            continue
+        crf_label = refined.argmax(0).astype(np.uint8)
+        seconds[i] = time.perf_counter() - start
+        if plan.crf:
+            labels[i] = crf_label
+        if plan.with_masks and batch[HAS_GT][i]:
+            if plan.table:
+                cms[CM_CRF][i] = _confusion(crf_label, batch[GT][i], plan.num_classes)
+            if plan.score:
+                cms[CM][i] = _confusion(labels[i], batch[GT][i], plan.num_classes)
+    keep = (ID, URI, STATUS, ERROR_STAGE, ERROR_REASON, SECONDS_DECODE, SECONDS_MODEL,
+            HAS_GT, CM_PLAIN, CM_TTA)
+    out = {k: batch[k] for k in keep if k in batch}
+    out.update({LABEL: _object_array(labels), SECONDS_CRF: seconds, **cms})
+    if plan.overlays:
+        out[IMAGE] = batch[IMAGE]
+    return out
+
+
+@dataclass(frozen=True)
+class WriteSpec:
+    output: str
+    run_id: str
+    model_uri: str
+    crf: bool
+    overlays: bool
+    overlay_alpha: float
+    storage_options: Mapping[str, Any] | None
+
+
+def _png_bytes(label: np.ndarray) -> bytes:
+    from deeplab_core.palette import colorize
+
+    buffer = io.BytesIO()
+    colorize(label).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg_bytes(image: np.ndarray, label: np.ndarray, alpha: float) -> bytes:
+    import cv2
+
+    from deeplab_core.palette import overlay
+
+    blended = overlay(image, label, alpha)
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(blended, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return data.tobytes()
+
+
+def write_stage(batch: dict[str, np.ndarray], spec: WriteSpec) -> dict[str, np.ndarray]:
+    """Writes masks (and overlays), then this batch's results and errors part files."""
+    layout = OutputLayout(spec.output)
+    n = len(batch[ID])
+    batch = _writable_status(dict(batch))
+    rows, errors = [], []
+    for i in range(n):
+        record_id, uri = str(batch[ID][i]), str(batch[URI][i])
+        mask_uri = overlay_uri = None
+        classes: list[int] = []
+        if batch[STATUS][i] == STATUS_OK:
+            label = batch[LABEL][i]
+            try:
+                mask_uri = layout.mask_uri(record_id)
+                write_atomically(mask_uri, _png_bytes(label), spec.storage_options)
+                if spec.overlays:
+                    overlay_uri = layout.overlay_uri(record_id)
+                    data = _jpeg_bytes(batch[IMAGE][i], label, spec.overlay_alpha)
+                    write_atomically(overlay_uri, data, spec.storage_options)
+                classes = np.flatnonzero(np.bincount(label.ravel(), minlength=1)).tolist()
+            except Exception as err:  # noqa: BLE001
+                _mark_error(batch, i, "write", _error_reason(err, spec.output, spec.storage_options))
+                mask_uri = overlay_uri = None
+        ok = batch[STATUS][i] == STATUS_OK
+        if not ok:
+            errors.append(ErrorRecord(record_id, uri, str(batch[ERROR_STAGE][i]), str(batch[ERROR_REASON][i])))
+        rows.append({
+            "id": record_id, "uri": uri, "output_uri": mask_uri, "overlay_uri": overlay_uri,
+            "status": STATUS_OK if ok else STATUS_ERROR, "classes": classes,
+            "seconds_decode": float(batch[SECONDS_DECODE][i]),
+            "seconds_model": float(batch[SECONDS_MODEL][i]) if ok else None,
+            "seconds_crf": float(batch[SECONDS_CRF][i]) if ok and spec.crf else None,
+            "run_id": spec.run_id, "model_uri": spec.model_uri,
+            "finished_at": datetime.now(timezone.utc),
+        })
+    write_parts(spec.output, spec.run_id, rows, errors, spec.storage_options)
+    return {k: v for k, v in batch.items() if k not in (IMAGE, LABEL, URI, ERROR_REASON)}

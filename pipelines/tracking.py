@@ -1,0 +1,194 @@
+"""Every MLflow call of the training and segmentation jobs: runs, params, metrics, artifacts,
+model logging and registration, and model URIs. (Promotion's registry reads and writes live in
+pipelines/promotion/registry.py.)
+
+mlflow is imported inside the functions: importing this module stays cheap for Ray workers and
+for `--help`.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipelines.common.config import flatten
+from pipelines.data.storage import redact
+
+MODEL_ARTIFACT = "model"
+REGISTRY_SCHEMES = ("models:/", "runs:/")
+_PARAM_MAX_CHARS = 6000  # MLflow's limit for a param value
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def is_registry_uri(uri: str) -> bool:
+    return uri.startswith(REGISTRY_SCHEMES)
+
+
+@contextmanager
+def tracking_uri_set(uri: str | None) -> Iterator[None]:
+    """MLflow's tracking URI set to `uri` for the block (registry URIs resolve against it), and
+    the caller's restored afterwards. `None` leaves it alone."""
+    if uri is None:
+        yield
+        return
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _experiment_id(client, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def _param_strings(params: Mapping[str, Any]) -> dict[str, str]:
+    return {key: str(value)[:_PARAM_MAX_CHARS] for key, value in flatten(redact(dict(params))).items()}
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, identity: Mapping[str, str],
+                       params: Mapping[str, Any]) -> tuple[str, bool]:
+    """The run tagged with `identity` in `experiment` (newest first), else a new one with those
+    tags and `params` (flattened, secrets redacted). Returns (run_id, resumed)."""
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = _experiment_id(client, experiment)
+    condition = " and ".join(f"tags.`{key}` = '{value}'" for key, value in identity.items())
+    existing = client.search_runs([experiment_id], filter_string=condition, max_results=1,
+                                  order_by=["attributes.start_time DESC"])
+    if existing:
+        return existing[0].info.run_id, True
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(identity))
+    items = [Param(k, v) for k, v in _param_strings(params).items()]
+    for start in range(0, len(items), 100):  # MLflow's batch limit is 100 params
+        client.log_batch(run.info.run_id, params=items[start:start + 100], synchronous=True)
+    return run.info.run_id, False
+
+
+def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status)
+
+
+class RunLogger:
+    """Metrics and artifacts into an existing run (the training workers' rank 0); a no-op when
+    disabled, so callers need no `if rank == 0` around every call."""
+
+    def __init__(self, enabled: bool, tracking_uri: str | None, run_id: str | None) -> None:
+        self.enabled = enabled and run_id is not None
+        if self.enabled:
+            import mlflow
+
+            self._client = mlflow.MlflowClient(tracking_uri)
+            self._run_id = run_id
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        if self.enabled:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, step) for k, v in values.items()]
+            self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
+
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._client.log_artifact(self._run_id, str(path), artifact_path)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def registered_version_of_run(tracking_uri: str, name: str, run_id: str, iteration: str) -> str | None:
+    """The version of `name` already registered from `run_id` at `iteration` (re-runs are idempotent)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if version.tags.get("iteration") == iteration:
+            return str(version.version)
+    return None
+
+
+def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, registered_model: str | None,
+                         tags: Mapping[str, Any], best_metrics: Mapping[str, float]) -> str | None:
+    """Into run `run_id`: the checkpoint file as `best_checkpoint/`, `best_*` metrics, and the model
+    as an MLflow pyfunc "model from code" (no pickle; weights load with weights_only=True). With
+    `registered_model`, registers it as a new version tagged with `tags`; returns the version."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifact(str(model_file), "best_checkpoint")
+        mlflow.log_metrics({f"best_{k}": v for k, v in best_metrics.items()})
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=str(_REPO_ROOT / "pipelines" / "common" / "pyfunc_model.py"),
+            artifacts={"checkpoint": str(model_file)},
+            code_paths=[str(_REPO_ROOT / "deeplab_core"), str(_REPO_ROOT / "pipelines")],
+            pip_requirements=["torch", "torchvision", "numpy", "pillow", "opencv-python-headless"],
+        )
+    if registered_model is None:
+        return None
+    version = mlflow.register_model(info.model_uri, registered_model)
+    client = mlflow.MlflowClient(tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, version.version, key, str(value))
+    return str(version.version)
+
+
+@contextmanager
+def downloaded_model(uri: str) -> Iterator[str]:
+    """A local directory holding the artifacts of a `models:/` or `runs:/` URI (current tracking
+    URI), removed after the block."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        yield mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+
+
+def resolve_model_uri(uri: str) -> str:
+    """`models:/name@alias` -> `models:/name/<version>`, so every worker loads the same version
+    even if the alias moves during a run. Other URIs are returned unchanged."""
+    match = re.fullmatch(r"models:/([^/@]+)@([^/]+)", uri)
+    if match is None:
+        return uri
+    import mlflow
+
+    version = mlflow.MlflowClient().get_model_version_by_alias(match.group(1), match.group(2))
+    return f"models:/{match.group(1)}/{version.version}"
+
+
+# --------------------------------------------------------------------------- one-shot runs
+
+
+def log_finished_run(experiment: str, run_name: str, params: Mapping[str, Any],
+                     metrics: Mapping[str, float], texts: Mapping[str, str] | None = None,
+                     dicts: Mapping[str, Any] | None = None) -> str:
+    """A complete run in `experiment` (current tracking URI): params (redacted), metrics and small
+    text/JSON artifacts. Returns its id."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    with mlflow.start_run(experiment_id=_experiment_id(client, experiment), run_name=run_name) as run:
+        mlflow.log_params(_param_strings(params))
+        mlflow.log_metrics(dict(metrics))
+        for name, text in (texts or {}).items():
+            mlflow.log_text(text, name)
+        for name, value in (dicts or {}).items():
+            mlflow.log_dict(value, name)
+        return run.info.run_id

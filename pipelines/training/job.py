@@ -1,0 +1,178 @@
+"""The training job on the driver: data -> Ray Train -> MLflow run and registered model version.
+
+1. Data: the configured manifests, or the synthetic dataset (generated once under data.root).
+2. Validation pass over both manifests: bad rows become error records (errors.parquet beside the
+   clean manifests) and the summary `read == ok + errors` is printed.
+3. One MLflow run per (storage path, run name): a re-run of the same name resumes the Ray Train
+   run from its latest checkpoint and keeps logging into the same MLflow run.
+4. `TorchTrainer.fit()` with `FailureConfig(max_failures)`: a dead worker restarts the group from
+   the latest checkpoint.
+5. The best checkpoint (by val mIoU) is logged and registered as a new model version, tagged with
+   its validation metrics and the validation manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import yaml
+from ray.train.torch import TorchTrainer
+
+from deeplab_core.transforms import TrainTransform
+from pipelines import tracking
+from pipelines.common.checkpoints import MODEL_FILE
+from pipelines.common.ray_session import ensure_ray, use_gpu
+from pipelines.data import streams
+from pipelines.data.storage import (
+    is_local,
+    pyarrow_filesystem,
+    redact,
+    resolve_storage_options,
+)
+from pipelines.training.config import TrainConfig
+from pipelines.training.loop import train_loop_per_worker
+
+RUN_NAME_TAG = "deeplab.run_name"
+STORAGE_TAG = "deeplab.storage_path"
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str | None
+    metrics: dict
+    checkpoint_path: str | None
+    model_version: str | None
+    val_manifest: str
+
+    def summary_line(self) -> str:
+        return (f"[train] val mIoU {self.metrics.get('val_mIoU', float('nan')):.4f}; "
+                f"checkpoint {self.checkpoint_path}; model version {self.model_version}")
+
+
+def print_config(cfg: TrainConfig) -> None:
+    """The resolved config as YAML, secrets redacted."""
+    print(yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False))
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Ray workers do not share the driver's working directory: make sqlite paths absolute."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def _absolute_storage(path: str) -> str:
+    return str(Path(path).resolve()) if is_local(path) else path
+
+
+def prepare_manifests(cfg: TrainConfig) -> tuple[str, str]:
+    """(train, val) clean manifests, with bad rows recorded under `<root>/validated/<split>/`."""
+    options = resolve_storage_options(cfg.data.root, cfg.data.storage_options)
+    if cfg.data.train_manifest is None:
+        from deeplab_core.synthetic import SyntheticSpec
+        from pipelines.data.synthetic import write_synthetic_voc
+
+        syn = cfg.data.synthetic
+        spec = SyntheticSpec(num_classes=cfg.model.num_classes, height=syn.height, width=syn.width, **syn.options)
+        written = write_synthetic_voc(cfg.data.root, syn.num_train, syn.num_val, spec=spec, seed=syn.seed,
+                                      storage_options=options)
+        train_manifest, val_manifest = written["train_manifest"], written["val_manifest"]
+    else:
+        train_manifest, val_manifest = cfg.data.train_manifest, cfg.data.val_manifest
+    clean = []
+    for split, manifest in (("train", train_manifest), ("val", val_manifest)):
+        out_dir = cfg.data.root.rstrip("/") + f"/validated/{cfg.run.name}/{split}"
+        clean_uri, summary = streams.validate_manifest(manifest, out_dir, cfg.model.num_classes,
+                                                      storage_options=options, max_pixels=cfg.data.max_pixels)
+        print(f"[data] {split}: {summary}", flush=True)
+        if summary.ok == 0:
+            raise RuntimeError(f"{split} manifest {manifest} has no usable rows; see {out_dir}/errors.parquet")
+        clean.append(clean_uri)
+    return clean[0], clean[1]
+
+
+def start_or_resume_mlflow_run(cfg: TrainConfig, tracking_uri: str, storage_path: str) -> str:
+    """One MLflow run per (run name, storage path): a re-run keeps logging into the same run."""
+    run_id, resumed = tracking.find_or_create_run(
+        tracking_uri, cfg.tracking.experiment, cfg.run.name,
+        identity={RUN_NAME_TAG: cfg.run.name, STORAGE_TAG: storage_path},
+        params=cfg.model_dump(mode="json"))
+    what = "resuming run" if resumed else "run"
+    print(f"[mlflow] {what} {run_id} in experiment {cfg.tracking.experiment!r}", flush=True)
+    return run_id
+
+
+def build_trainer(cfg: TrainConfig, train_manifest: str, val_manifest: str, tracking_uri: str | None,
+                  run_id: str | None) -> TorchTrainer:
+    options = resolve_storage_options(cfg.data.root, cfg.data.storage_options)
+    transform = TrainTransform(crop_size=cfg.data.crop_size, scale_range=(cfg.data.scale_min, cfg.data.scale_max),
+                               flip_prob=cfg.data.flip_prob, mean=cfg.data.mean, std=cfg.data.std)
+    datasets = {
+        "train": streams.train_dataset(train_manifest, transform, cfg.model.num_classes, storage_options=options),
+        "val": streams.eval_dataset(val_manifest, cfg.model.num_classes, storage_options=options),
+    }
+    storage_path = _absolute_storage(cfg.run.storage_path)
+    storage_fs = None if is_local(storage_path) else pyarrow_filesystem(storage_path, options)
+    if storage_fs is not None:
+        storage_path = storage_path.split("://", 1)[1]
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "mlflow_run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu(cfg.scaling.use_gpu, cfg.scaling.num_workers),
+                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
+                                                         checkpoint_score_attribute="val_mIoU",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
+    )
+
+
+def _register(cfg: TrainConfig, run_id: str, tracking_uri: str, checkpoint: ray.train.Checkpoint,
+              metrics: dict, val_manifest: str) -> str | None:
+    name = cfg.tracking.registered_model
+    iteration = str(metrics.get("iteration"))
+    if name is not None:
+        existing = tracking.registered_version_of_run(tracking_uri, name, run_id, iteration)
+        if existing is not None:
+            print(f"[mlflow] already registered as {name} version {existing}", flush=True)
+            return existing
+    val_metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
+    tags = {k: f"{v:.6f}" for k, v in val_metrics.items()}
+    tags.update({"val_manifest": val_manifest, "iteration": iteration,
+                 "arch": cfg.model.arch, "backbone": str(cfg.model.backbone)})
+    with checkpoint.as_directory() as ckpt_dir:
+        version = tracking.log_checkpoint_model(tracking_uri, run_id, Path(ckpt_dir) / MODEL_FILE, name,
+                                                tags, val_metrics)
+    if version is not None:
+        print(f"[mlflow] registered {name} version {version} (val mIoU {metrics['val_mIoU']:.4f})", flush=True)
+    return version
+
+
+def run_training(cfg: TrainConfig) -> TrainOutcome:
+    ensure_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    train_manifest, val_manifest = prepare_manifests(cfg)
+    tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.tracking_uri else None
+    run_id = None
+    if tracking_uri:
+        run_id = start_or_resume_mlflow_run(cfg, tracking_uri, _absolute_storage(cfg.run.storage_path))
+    trainer = build_trainer(cfg, train_manifest, val_manifest, tracking_uri, run_id)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    scored = [(ckpt, metrics) for ckpt, metrics in (result.best_checkpoints or []) if "val_mIoU" in metrics]
+    best = max(scored, key=lambda cm: cm[1]["val_mIoU"]) if scored else (result.checkpoint, result.metrics)
+    version = None
+    if run_id is not None:
+        version = _register(cfg, run_id, tracking_uri, best[0], best[1], val_manifest)
+        tracking.finish_run(tracking_uri, run_id)
+    print(f"[train] done: {result.metrics}", flush=True)
+    return TrainOutcome(run_id, dict(result.metrics), best[0].path if best[0] else None, version, val_manifest)

@@ -1,0 +1,230 @@
+"""The Ray Train per-worker loop: DDP DeepLab training with the poly schedule.
+
+Each worker reads its shard of the Ray Data pipeline (`get_dataset_shard`), trains with SGD and
+the per-iteration poly LR (head LR x10), validates with a confusion matrix summed over all workers,
+and reports metrics + a checkpoint through `ray.train.report`. Rank 0 alone writes checkpoints and
+MLflow records. A restarted run (same storage path + name, or after a worker died) continues from
+`ray.train.get_checkpoint()`: model, optimizer, scheduler, iteration and RNG state.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deeplab_core import PolyLRScheduler, SegmentationLoss, build_model, param_groups
+from deeplab_core.metrics import confusion_matrix, segmentation_metrics
+from deeplab_core.transforms import normalize
+from pipelines.common.checkpoints import (
+    MODEL_FILE,
+    TRAIN_STATE_FILE,
+    model_payload,
+    unwrap,
+)
+from pipelines.tracking import RunLogger
+from pipelines.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    backbone, head = param_groups(model)
+    o = cfg.optim
+    return torch.optim.SGD(
+        [{"params": backbone, "lr": o.base_lr}, {"params": head, "lr": o.base_lr * o.head_lr_mult}],
+        lr=o.base_lr, momentum=o.momentum, weight_decay=o.weight_decay,
+    )
+
+
+def save_training_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, iteration: int,
+                             meta: dict) -> None:
+    torch.save(model_payload(model, meta), directory / MODEL_FILE)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "iteration": iteration, "torch_rng": torch.get_rng_state(),
+                "python_rng": list(random.getstate()[1])}, directory / TRAIN_STATE_FILE)
+
+
+def restore_training_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, max_it: int) -> int:
+    payload = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+    unwrap(model).load_state_dict(payload["model"])
+    state = torch.load(directory / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    # The schedule length is the current config's (a resumed run may have been given more iterations).
+    scheduler.max_it = max_it
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate((3, tuple(state["python_rng"]), None))
+    return int(state["iteration"])
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def evaluate_shard(model: nn.Module, shard, cfg: TrainConfig, device: torch.device,
+                   keep_examples: int = 0) -> tuple[np.ndarray, list]:
+    """Confusion matrix over this worker's validation shard, summed over all workers."""
+    num_classes = cfg.model.num_classes
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    examples = []
+    model.eval()
+    with torch.inference_mode():
+        # Whole images of any size: one image per forward.
+        for row in shard.iter_rows():
+            if row.get("status", "ok") != "ok":
+                continue
+            image = normalize(row["image"], cfg.data.mean, cfg.data.std).unsqueeze(0).to(device)
+            pred = unwrap(model)(image).argmax(1)[0].cpu()
+            cm += torch.from_numpy(confusion_matrix(pred, torch.as_tensor(row["mask"]), num_classes))
+            if len(examples) < keep_examples:
+                examples.append((row["image"], pred.numpy().astype(np.uint8), row["mask"]))
+    model.train()
+    return _all_reduce(cm).numpy(), examples
+
+
+def _log_validation_artifacts(tracker: RunLogger, cm: np.ndarray, examples: list, iteration: int) -> None:
+    if not tracker.enabled:
+        return
+    from pipelines.training.figures import confusion_matrix_figure, overlay_grid
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cm_path = Path(tmp) / f"confusion_matrix_it{iteration:06d}.png"
+        confusion_matrix_figure(cm, cm_path)
+        tracker.artifact(cm_path, "validation")
+        if examples:
+            grid_path = Path(tmp) / f"overlays_it{iteration:06d}.jpg"
+            overlay_grid(examples, grid_path)
+            tracker.artifact(grid_path, "validation")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = TrainConfig.model_validate(loop_config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    tracker = RunLogger(rank == 0, loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"))
+
+    _seed_everything(cfg.run.seed + rank)
+    model = build_model(**cfg.model.build_kwargs())
+    if world > 1 and cfg.scaling.sync_bn and on_gpu:
+        # Per-worker batches are small; unsynchronised BN statistics cost 1-2 mIoU. (PyTorch's
+        # SyncBatchNorm is CUDA-only under DDP, so CPU runs keep per-worker BN.)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = PolyLRScheduler(optimizer, cfg.optim.max_iters, cfg.optim.power,
+                                cfg.optim.warmup_iters, cfg.optim.warmup_factor)
+    start_it = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            start_it = restore_training_checkpoint(Path(ckpt_dir), model, optimizer, scheduler,
+                                                   cfg.optim.max_iters)
+        _seed_everything(cfg.run.seed + rank + 1_000_003 * start_it)  # fresh but reproducible
+        if rank == 0:
+            print(f"[train] resumed from iteration {start_it}", flush=True)
+    if on_gpu and cfg.scaling.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    criterion = SegmentationLoss(aux_weight=cfg.optim.aux_weight, bootstrap_ratio=cfg.optim.bootstrap_ratio)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and cfg.scaling.bf16 else nullcontext()
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    micro_batch, accum = cfg.per_worker_batch, cfg.optim.grad_accum
+    max_it = cfg.optim.max_iters
+    it = start_it
+    window = {"loss": 0.0, "steps": 0, "data_s": 0.0, "step_s": 0.0}
+    model.train()
+    if start_it >= max_it:  # finished before: report the final state again so the run has a result
+        _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg, device, tracker,
+                                 it, start_it, rank, final=True)
+    while it < max_it:
+        batches = train_shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, device=device,
+                                                 dtypes={"image": torch.float32, "mask": torch.int64})
+        micro_step, t_data = 0, time.perf_counter()
+        for batch in batches:
+            t_start = time.perf_counter()
+            window["data_s"] += t_start - t_data
+            images, masks = batch["image"], batch["mask"]
+            if on_gpu and cfg.scaling.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            micro_step += 1
+            is_step = micro_step % accum == 0
+            # Skip the DDP all-reduce on accumulation micro-steps.
+            sync = nullcontext() if is_step or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast:
+                    loss = criterion(model(images), masks) / accum
+                loss.backward()
+            window["loss"] += loss.item()
+            if not is_step:
+                t_data = time.perf_counter()
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            it += 1
+            window["steps"] += 1
+            window["step_s"] += time.perf_counter() - t_start
+            if it % cfg.run.log_every == 0 or it == max_it:
+                stats = torch.tensor([window["loss"] / window["steps"], window["data_s"], window["step_s"]])
+                stats = _all_reduce(stats) / world
+                elapsed = stats[1].item() + stats[2].item()
+                images_per_s = window["steps"] * cfg.optim.batch_size / max(elapsed, 1e-9)
+                values = {"loss": stats[0].item(), "lr": lr, "images_per_s": images_per_s,
+                          "data_wait_s": stats[1].item() / window["steps"]}
+                tracker.metrics(values, it)
+                if rank == 0:
+                    print(f"[train] it {it}/{max_it} loss {values['loss']:.4f} lr {lr:.2e} "
+                          f"{images_per_s:.1f} img/s data-wait {values['data_wait_s'] * 1e3:.0f} ms/it", flush=True)
+                window = {"loss": 0.0, "steps": 0, "data_s": 0.0, "step_s": 0.0}
+            if it % cfg.run.val_every == 0 or it == max_it:
+                _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg, device, tracker,
+                                         it, start_it, rank, final=it == max_it)
+            if it >= max_it:
+                break
+            t_data = time.perf_counter()
+
+
+def _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg: TrainConfig, device, tracker: RunLogger,
+                             it: int, start_it: int, rank: int, final: bool) -> None:
+    cm, examples = evaluate_shard(model, val_shard, cfg, device,
+                                  keep_examples=cfg.run.num_overlays if rank == 0 and final else 0)
+    scores = segmentation_metrics(cm)
+    val = {f"val_{k}": v for k, v in scores.items() if k != "per_class_iou"}
+    per_class = {f"val_iou_class_{i}": v for i, v in enumerate(scores["per_class_iou"]) if v is not None}
+    tracker.metrics({**val, **per_class}, it)
+    if final:
+        _log_validation_artifacts(tracker, cm, examples, it)
+    if rank == 0:
+        print(f"[val] it {it} mIoU {val['val_mIoU']:.4f} pixel-acc {val['val_pixel_acc']:.4f}", flush=True)
+    metrics = {**val, "iteration": it, "start_iteration": start_it}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            meta = {"iteration": it, "val": val, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+                    "num_classes": cfg.model.num_classes}
+            save_training_checkpoint(Path(tmp), model, optimizer, scheduler, it, meta)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from pipelines.common.config import ConfigError, flatten, parse_overrides
+from pipelines.training.config import TrainConfig, load_train_config
+
+CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_embedded_demo():
+    cfg = TrainConfig()
+    assert cfg.data.train_manifest is None and cfg.data.synthetic is not None
+    assert cfg.tracking.tracking_uri.startswith("sqlite:///")
+    assert cfg.per_worker_batch == cfg.optim.batch_size // cfg.scaling.num_workers
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_presets_validate_and_build_valid_model_arguments(path):
+    from deeplab_core import build_model
+
+    cfg = load_train_config(path)
+    kwargs = cfg.model.build_kwargs()
+    kwargs["pretrained"] = None  # no downloads here; the architecture must build as configured
+    model = build_model(**kwargs)
+    assert model.config["num_classes"] == cfg.model.num_classes
+    if path.name != "demo.yaml":
+        assert cfg.data.crop_size in (321, 513, 769)
+        assert cfg.data.train_manifest and cfg.data.val_manifest
+
+
+def test_overrides_are_yaml_typed_and_nested():
+    assert parse_overrides(["optim.base_lr=0.01", "model.options={width_mult: 0.25}", "run.name=x"]) == {
+        "optim": {"base_lr": 0.01}, "model": {"options": {"width_mult": 0.25}}, "run": {"name": "x"}}
+    cfg = load_train_config(None, ["optim.max_iters=7", "scaling.num_workers=1"])
+    assert cfg.optim.max_iters == 7 and cfg.scaling.num_workers == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.base_lrr=0.1"], "base_lrr"),
+    (["optim.batch_size=7"], "divisible"),
+    (["data.scale_min=2.0"], "scale_min"),
+    (["data.train_manifest=a.parquet"], "both"),
+    (["optim"], "section.key=value"),
+])
+def test_bad_configs_fail_with_clear_messages(overrides, message):
+    with pytest.raises((ValidationError, ValueError), match=message):
+        load_train_config(None, overrides)
+
+
+def test_a_misspelled_key_gets_one_line_with_a_suggestion():
+    with pytest.raises(ConfigError) as info:
+        load_train_config(None, ["optim.base_lrr=0.1"])
+    assert str(info.value) == "unknown key optim.base_lrr; did you mean optim.base_lr?"
+
+
+def test_flatten_for_mlflow_params():
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}

@@ -1,0 +1,96 @@
+"""Batch segmentation pieces without Ray: id checks, atomic writes, config validation, input
+listing.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+
+import pytest
+
+from deeplab_core.constants import DEFAULT_SCALES
+from pipelines.data.manifest import write_manifest
+from pipelines.segmentation.config import SegmentConfig
+from pipelines.segmentation.io import (
+    check_id,
+    list_inputs,
+    write_atomically,
+)
+
+UNSAFE_IDS = ["../escape", "a/../../b", "/etc/passwd", "s3://other/x", "C:evil", "back\\slash",
+              "nul\x00byte", "a//b", "./here", "trailing/"]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+@pytest.mark.parametrize("bad", UNSAFE_IDS + ["", "tab\there", "~root"])
+def test_check_id_rejects_keys_that_escape(bad):
+    with pytest.raises(ValueError):
+        check_id(bad)
+
+
+@pytest.mark.parametrize("good", ["img_001", "cam1/2024/frame 7", "a.b.c", "x..y", "über"])
+def test_check_id_accepts_relative_keys(good):
+    assert check_id(good) == good
+
+
+def test_default_scales_match_tta():
+    from deeplab_core.tta import DEFAULT_SCALES as TTA_SCALES
+
+    assert DEFAULT_SCALES == TTA_SCALES
+
+
+def test_write_atomically_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "masks" / "a.png"
+    write_atomically(str(target), b"first")
+    assert target.read_bytes() == b"first"
+
+    def crash(src, dst):
+        raise OSError("killed mid-rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        write_atomically(str(target), b"second, never visible")
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.png"]  # temp file cleaned up
+
+
+def test_list_inputs_from_a_prefix(tmp_path):
+    root = tmp_path / "incoming"
+    (root / "cam1").mkdir(parents=True)
+    for rel in ("a.jpg", "cam1/b.PNG", "dup.jpg", "dup.png", "notes.txt", ".hidden.jpg", "out/masks/x.png"):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    old = datetime(2024, 1, 1, tzinfo=timezone.utc).timestamp()
+    os.utime(root / "a.jpg", (old, old))
+
+    listing = list_inputs(str(root), exclude_prefix=str(root / "out"))
+    assert [i.id for i in listing.items] == ["a", "cam1/b", "dup"]
+    assert [(e.id, e.stage) for e in listing.errors] == [("dup", "id")]
+    assert listing.read == 4 and listing.watermark > datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+    recent = list_inputs(str(root), since=datetime(2025, 1, 1, tzinfo=timezone.utc),
+                         exclude_prefix=str(root / "out"))
+    assert [i.id for i in recent.items] == ["cam1/b", "dup"] and recent.read == 3
+
+
+def test_since_is_rejected_for_manifests(tmp_path):
+    uri = write_manifest([{"id": "a", "image_uri": "/x/a.jpg"}], str(tmp_path / "m.csv"))
+    with pytest.raises(ValueError, match="prefix"):
+        list_inputs(uri, since=datetime.now(timezone.utc))
+    with pytest.raises(ValueError, match="ISO"):
+        SegmentConfig(model="m", input="i", output="o", since="yesterday-ish")
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+# --------------------------------------------------------------------------- resume and watermark
+
+
