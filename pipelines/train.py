@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (`ray job submit ... python pipelines/train.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common.config import ConfigError  # noqa: E402
+from pipelines.common.errors import EXIT_USAGE, InputError  # noqa: E402
 from pipelines.training.config import load_train_config  # noqa: E402
 
 
@@ -34,14 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_train_config(args.config, args.overrides)
-    except ConfigError as exc:
+    except InputError as exc:
         parser.error(str(exc))
     from pipelines.training.job import print_config, run_training
 
     if args.print_config:
         print_config(cfg)
         return 0
-    outcome = run_training(cfg)
+    try:
+        outcome = run_training(cfg)
+    except InputError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(outcome.summary_line())
     return 0
 

@@ -100,6 +100,8 @@ class ScalingSection(Section):
 class RunSection(Section):
     name: str = "deeplab-demo"
     storage_path: str = "ray_results"  # local path or s3://; same name + path = resume
+    # auto: resume a run of the same model/data config, refuse another; force: resume regardless
+    resume: Literal["auto", "force"] = "auto"
     log_every: int = Field(10, ge=1)
     val_every: int = Field(200, ge=1)
     checkpoint_every: int = Field(100, ge=1)

@@ -24,16 +24,13 @@ from ray.train.torch import TorchTrainer
 from deeplab_core.transforms import TrainTransform
 from pipelines import tracking
 from pipelines.common.checkpoints import MODEL_FILE
+from pipelines.common.errors import InputError
 from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.data import streams
-from pipelines.data.storage import (
-    is_local,
-    pyarrow_filesystem,
-    redact,
-    resolve_storage_options,
-)
+from pipelines.data.storage import is_local, join_uri, pyarrow_filesystem, redact, resolve_storage_options
 from pipelines.training.config import TrainConfig
 from pipelines.training.loop import train_loop_per_worker
+from pipelines.training.resume import check_resume
 
 RUN_NAME_TAG = "deeplab.run_name"
 STORAGE_TAG = "deeplab.storage_path"
@@ -89,10 +86,22 @@ def prepare_manifests(cfg: TrainConfig) -> tuple[str, str]:
         clean_uri, summary = streams.validate_manifest(manifest, out_dir, cfg.model.num_classes,
                                                       storage_options=options, max_pixels=cfg.data.max_pixels)
         print(f"[data] {split}: {summary}", flush=True)
-        if summary.ok == 0:
-            raise RuntimeError(f"{split} manifest {manifest} has no usable rows; see {out_dir}/errors.parquet")
+        check_enough_rows(cfg, split, manifest, summary.ok, f"{out_dir}/errors.parquet")
         clean.append(clean_uri)
     return clean[0], clean[1]
+
+
+def check_enough_rows(cfg: TrainConfig, split: str, manifest: str, usable: int, errors_uri: str) -> None:
+    """Every worker must get at least one full batch per pass (training drops the last partial
+    batch), else the loop could never make progress; validation needs a row per worker."""
+    workers = cfg.scaling.num_workers
+    needed = workers * cfg.per_worker_batch if split == "train" else workers
+    if usable < needed:
+        what = (f"{workers} worker(s) x a per-worker batch of {cfg.per_worker_batch}" if split == "train"
+                else f"one row for each of {workers} worker(s)")
+        raise InputError(f"{split} manifest {manifest} has {usable} usable row(s), fewer than the {needed} "
+                         f"needed ({what}); add rows, or lower optim.batch_size / scaling.num_workers "
+                         f"(bad rows are listed in {errors_uri})")
 
 
 def start_or_resume_mlflow_run(cfg: TrainConfig, tracking_uri: str, storage_path: str) -> str:
@@ -158,6 +167,9 @@ def _register(cfg: TrainConfig, run_id: str, tracking_uri: str, checkpoint: ray.
 
 
 def run_training(cfg: TrainConfig) -> TrainOutcome:
+    options = resolve_storage_options(cfg.run.storage_path, cfg.data.storage_options)
+    if check_resume(cfg, join_uri(_absolute_storage(cfg.run.storage_path), cfg.run.name), options):
+        print(f"[train] resuming run {cfg.run.name!r} (same model and data config)", flush=True)
     ensure_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     train_manifest, val_manifest = prepare_manifests(cfg)
     tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.tracking_uri else None

@@ -205,10 +205,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if it >= max_it:
                 break
             t_data = time.perf_counter()
+        if micro_step < accum:  # a whole pass without one optimizer step would repeat forever
+            raise RuntimeError(f"worker {rank}: a pass over its training shard gave {micro_step} batch(es) of "
+                               f"{micro_batch}, fewer than one step ({accum}); the shard is too small")
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Rank 0's BatchNorm running statistics on every rank. DDP broadcasts buffers at the start of
+    each forward, so after the last step every rank holds statistics of its own batch; rank 0's
+    copy is the one saved, so all ranks validate with it and the recorded metric is the saved
+    model's (reproducible from the checkpoint)."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg: TrainConfig, device, tracker: RunLogger,
                              it: int, start_it: int, rank: int, final: bool) -> None:
+    _sync_buffers(model)
     cm, examples = evaluate_shard(model, val_shard, cfg, device,
                                   keep_examples=cfg.run.num_overlays if rank == 0 and final else 0)
     scores = segmentation_metrics(cm)

@@ -108,6 +108,13 @@ def test_training_on_s3_improves_miou_tracks_and_registers(ray_cluster, s3_bucke
     model, meta = load_model(f"models:/deeplab/{outcome.model_version}")
     assert meta["num_classes"] == 6 and model.config["backbone"] == "mobilenetv2"
 
+    # One number per model: re-validating the registered checkpoint (the batch job's evaluation
+    # path, plain inference) gives its val_mIoU tag; every rank validated with rank 0's BN buffers.
+    from pipelines.segmentation.evaluation import evaluate_model
+
+    revalidated = evaluate_model(model, outcome.val_manifest, storage_options=s3_options)
+    assert revalidated["mIoU"] == pytest.approx(float(version.tags["val_mIoU"]), abs=1e-5)
+
     # Same name + storage path resumes: the run is complete, so it reports the final state again
     # without training, into the same MLflow run, and registers nothing new.
     again = run_training(cfg)
@@ -180,3 +187,17 @@ def test_ray_job_submit_runs_the_train_script(ray_cluster, tmp_path):
     assert "[train] val mIoU" in proc.stdout
     runs = mlflow.MlflowClient(tracking).search_runs([mlflow.MlflowClient(tracking).get_experiment_by_name("deeplab").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_too_few_rows_for_one_batch_per_worker_stops_at_once(ray_cluster, tmp_path, capsys):
+    """3 usable rows, 2 workers x batch 4: one clear line and exit 2, never a loop without progress."""
+    from pipelines import train
+
+    start = time.monotonic()
+    code = train.main(TINY + [f"data.root={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}",
+                              "tracking.tracking_uri=null", "data.synthetic.num_train=3",
+                              "data.synthetic.num_val=4"])
+    assert code == 2 and time.monotonic() - start < 120
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has 3 usable row(s), fewer than the 8 needed" in err[0], err
+
