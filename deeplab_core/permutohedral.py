@@ -133,7 +133,9 @@ class PermutohedralLattice:
         neighbours = _lookup(unique_codes, queries)  # (d+1) x 2 x M
         neighbours = torch.nn.functional.pad(neighbours, (1, 0))  # row 0 stays empty: its neighbours are 0
 
-        alpha = 1.0 / (1.0 + 2.0 ** -d)  # densecrf's "magic scaling constant" for the slice
+        # densecrf's "magic scaling constant" for the slice (it cancels under symmetric normalisation
+        # but keeps filter() equal to densecrf's lattice).
+        alpha = 1.0 / (1.0 + 2.0 ** -d)
         splat = barycentric.T.contiguous().unsqueeze(-1)
         return cls(vertices, splat * float(np.float32(alpha)), splat, neighbours, batch_size, num_points)
 
