@@ -12,8 +12,9 @@ Backends, the same model (Krähenbühl & Koltun 2011 mean field on permutohedral
   so callers run it in separate processes. The fastest choice on CPU.
 - "torch": `deeplab_core.crf_torch`, a plain PyTorch re-implementation (no pydensecrf needed)
   that runs on any device and refines whole batches of same-size images at once
-  (`dense_crf_torch`). It matches pydensecrf to float32 rounding (~1e-6 in probability).
-  The choice on a GPU; on one CPU thread it is ~3x slower than pydensecrf.
+  (`dense_crf_torch`). It matches pydensecrf to float32 rounding (all labels equal, max
+  probability difference ~1e-6 at VOC size). The choice on a GPU; on one CPU thread it takes
+  3.3x (500x375) to 6.7x (2048x1024) pydensecrf's CPU time (docs/benchmarks.md).
 
 Neither backend imports torch or pydensecrf until it is used, so importing this module is cheap.
 """
