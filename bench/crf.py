@@ -115,12 +115,13 @@ def measure(sizes: list[Size], devices: list[str], repeats: int, batch: int, par
     peaks: dict[tuple[int, str], float] = {}
     for round_ in range(repeats):
         for i, (size, (image, probs)) in enumerate(zip(sizes, inputs)):
-            wall, cpu, outputs[i, "pydensecrf"] = _timed(lambda: dense_crf(image, probs, **kwargs))
+            wall, cpu, outputs[i, "pydensecrf"] = _timed(lambda: dense_crf(image, probs, **kwargs))  # noqa: B023
             samples.setdefault((i, "pydensecrf"), []).append((wall, cpu))
             for device in devices:
                 if device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats(device)
-                wall, cpu, out = _timed(lambda: dense_crf_torch(*tensors[i, device], **kwargs), device)
+                batch_tensors = tensors[i, device]
+                wall, cpu, out = _timed(lambda: dense_crf_torch(*batch_tensors, **kwargs), device)  # noqa: B023
                 samples.setdefault((i, device), []).append((wall / batch, cpu / batch))
                 outputs[i, device] = out[0].cpu().numpy()
                 if device.startswith("cuda"):
@@ -134,7 +135,8 @@ def measure(sizes: list[Size], devices: list[str], repeats: int, batch: int, par
         for backend in ["pydensecrf", *devices]:
             wall = statistics.median(s[0] for s in samples[i, backend])
             cpu = statistics.median(s[1] for s in samples[i, backend])
-            row = Row(size, backend if backend == "pydensecrf" else f"torch {backend}", wall, cpu, peaks.get((i, backend)))
+            name = backend if backend == "pydensecrf" else f"torch {backend}"
+            row = Row(size, name, wall, cpu, peaks.get((i, backend)))
             if backend != "pydensecrf":
                 out = outputs[i, backend]
                 row.labels_equal = float((out.argmax(0) == reference.argmax(0)).mean())
@@ -145,8 +147,8 @@ def measure(sizes: list[Size], devices: list[str], repeats: int, batch: int, par
 
 def markdown(rows: list[Row], batch: int) -> str:
     lines = [
-        f"| size, classes | backend | batch | wall (s/image) | CPU (s/image) | vs pydensecrf | peak GPU memory (MiB) "
-        "| labels equal to pydensecrf | max abs prob. difference |",
+        ("| size, classes | backend | batch | wall (s/image) | CPU (s/image) | vs pydensecrf "
+         "| peak GPU memory (MiB) | labels equal to pydensecrf | max abs prob. difference |"),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     reference: Row | None = None
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             table,
         ])
         if not any(d.startswith("cuda") for d in devices):
-            body += f"\n\nGPU: not yet measured. On a GPU machine: `{GPU_COMMAND}` (add `--batch 4` for batched throughput)."
+            body += f"\n\nGPU: not yet measured. On a GPU machine: `{GPU_COMMAND}` (add `--batch 4` for batches)."
         replace_section(args.output, SECTION, body)
 
 

@@ -54,7 +54,7 @@ def _embed(features: Tensor) -> tuple[Tensor, Tensor]:
     elevated_t = torch.stack(elevated, dim=1)  # P x (d+1)
 
     # Nearest remainder-0 lattice point (coordinates multiples of d+1), then the rank of each
-    # coordinate's residual; ties go to the later coordinate as in densecrf.
+    # coordinate's residual (0 = largest); on ties the later coordinate ranks higher, as in densecrf.
     rounded = torch.round(elevated_t * down)
     rem0 = (rounded * (d + 1)).to(torch.int64)
     residual = elevated_t - rem0.to(elevated_t.dtype)
@@ -110,7 +110,8 @@ class PermutohedralLattice:
     def build(cls, features: Tensor) -> PermutohedralLattice:
         """Lattice for `features`: float32 B x N x d, already divided by the kernel's stds."""
         if features.ndim != 3 or features.dtype != torch.float32:
-            raise ValueError(f"features must be a float32 B x N x d tensor, got {features.dtype} {tuple(features.shape)}")
+            raise ValueError(
+                f"features must be a float32 B x N x d tensor, got {features.dtype} {tuple(features.shape)}")
         batch_size, num_points, d = features.shape
         device = features.device
         keys, barycentric = _embed(features.reshape(batch_size * num_points, d))

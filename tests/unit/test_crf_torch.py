@@ -18,6 +18,7 @@ from deeplab_core.crf_torch import dense_crf_torch
 from deeplab_core.metrics import confusion_matrix, segmentation_metrics
 from deeplab_core.permutohedral import PermutohedralLattice
 
+
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """On 2 shared cores, OpenMP threads waiting for each other make the many small lattice ops of
