@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# torch/torchvision first and pinned: an unpinned torch would pull a multi-GB CUDA build;
+# torch/torchvision first and pinned (constraints.txt). PyPI's Linux torch wheels are CUDA builds
+# (they run on CPU too): the venv is ~6.8 GB, 3.2 GB of it the nvidia/ CUDA libraries; PyPI has no
+# CPU-only Linux wheel of this torch.
 # constraints.txt pins the rest to versions known to resolve together (DESIGN.md section 8).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

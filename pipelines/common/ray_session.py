@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 
-def ensure_ray(reserved_cpus: int = 0) -> None:
+def ensure_ray(reserved_cpus: int = 0, verbose: bool = False) -> None:
     """Connect to `RAY_ADDRESS` (a cluster, or `ray job submit`'s), else start a local Ray.
 
     A local Ray gets at least `reserved_cpus + 2` logical CPUs: training workers hold theirs for
@@ -13,6 +13,9 @@ def ensure_ray(reserved_cpus: int = 0) -> None:
     """
     import ray
 
+    from pipelines.common.console import quiet_ray
+
+    quiet_ray(verbose)
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")

@@ -178,7 +178,6 @@ def validate_manifest(
     clean_uri = join_uri(out_dir, CLEAN_MANIFEST_FILE)
     write_errors(errors, join_uri(out_dir, ERRORS_FILE), storage_options)
     write_manifest(clean, clean_uri, storage_options)
-    print(f"validate_manifest {manifest_uri}: {summary}", flush=True)
     return clean_uri, summary
 
 

@@ -35,6 +35,8 @@ from pipelines.common.checkpoints import (
 from pipelines.tracking import RunLogger
 from pipelines.training.config import TrainConfig
 
+# Not print(): Ray Train V2 turns a worker's print into a log record *and* (its stdout being
+# redirected) a second copy of the line; a logger reaches the driver once.
 log = logging.getLogger(__name__)
 
 
@@ -118,6 +120,7 @@ def _log_validation_artifacts(tracker: RunLogger, cm: np.ndarray, examples: list
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = TrainConfig.model_validate(loop_config["train"])
+    log.setLevel(logging.INFO)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -141,7 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                    cfg.optim.max_iters)
         _seed_everything(cfg.run.seed + rank + 1_000_003 * start_it)  # fresh but reproducible
         if rank == 0:
-            print(f"[train] resumed from iteration {start_it}", flush=True)
+            log.info("[train] resumed from iteration %d", start_it)
     if on_gpu and cfg.scaling.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
@@ -196,8 +199,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                           "data_wait_s": stats[1].item() / window["steps"]}
                 tracker.metrics(values, it)
                 if rank == 0:
-                    print(f"[train] it {it}/{max_it} loss {values['loss']:.4f} lr {lr:.2e} "
-                          f"{images_per_s:.1f} img/s data-wait {values['data_wait_s'] * 1e3:.0f} ms/it", flush=True)
+                    log.info(f"[train] it {it}/{max_it} loss {values['loss']:.4f} lr {lr:.2e} "
+                             f"{images_per_s:.1f} img/s data-wait {values['data_wait_s'] * 1e3:.0f} ms/it")
                 window = {"loss": 0.0, "steps": 0, "data_s": 0.0, "step_s": 0.0}
             if it % cfg.run.val_every == 0 or it == max_it:
                 _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg, device, tracker,
@@ -232,7 +235,7 @@ def _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg: TrainC
     if final:
         _log_validation_artifacts(tracker, cm, examples, it)
     if rank == 0:
-        print(f"[val] it {it} mIoU {val['val_mIoU']:.4f} pixel-acc {val['val_pixel_acc']:.4f}", flush=True)
+        log.info(f"[val] it {it} mIoU {val['val_mIoU']:.4f} pixel-acc {val['val_pixel_acc']:.4f}")
     metrics = {**val, "iteration": it, "start_iteration": start_it}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None

@@ -1,0 +1,28 @@
+"""One console voice: the jobs' own lines, and Ray's start-up and plan chatter only when asked.
+
+Ray Data prints an execution plan, progress bars and "Starting execution" lines for every
+dataset, from the driver and from Train's split coordinators (which inherit the driver's
+DataContext); a training run of a few minutes printed ~175 of them. `quiet_ray()` turns those
+off before the datasets are built; `--verbose` on the entry scripts keeps them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+_RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune")
+
+
+def quiet_ray(verbose: bool = False) -> None:
+    """Call before building any Ray Data dataset. With `verbose`, Ray keeps its own defaults."""
+    if verbose or os.environ.get("DEEPLAB_VERBOSE") == "1":
+        os.environ["DEEPLAB_VERBOSE"] = "1"
+        return
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    for name in _RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
