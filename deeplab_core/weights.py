@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .loading import (  # noqa: F401 - re-exported: the public home of these names
@@ -44,14 +45,24 @@ def _origin(checkpoint: Checkpoint) -> str:
     return "the given mapping" if isinstance(checkpoint, Mapping) else str(checkpoint)
 
 
+def _build(*args: Any, **kwargs: Any) -> nn.Module:
+    """build_model without allocating or initialising weights that the checkpoint replaces."""
+    with torch.device("meta"):
+        return build_model(*args, **kwargs)
+
+
 def _load_exact(model: nn.Module, state_dict: Mapping[str, Tensor], what: str) -> nn.Module:
-    """Every tensor by name and shape, or a ValueError summarising the difference. Old files
-    without BatchNorm's `num_batches_tracked` counters keep the model's (unused in eval)."""
+    """Every tensor by name and shape into a model from `_build`, or a ValueError summarising the
+    difference. Files without BatchNorm's `num_batches_tracked` counters get zeros (unused in eval)."""
     own = model.state_dict()
-    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state_dict}
+    counters = {k: torch.zeros((), dtype=torch.long) for k in own if k.endswith("num_batches_tracked")}
+    state = {**counters, **state_dict}
     if own.keys() != state.keys() or any(own[k].shape != state[k].shape for k in own):
         raise ValueError(f"not {what}: {key_differences(own, state)}")
-    model.load_state_dict(state, strict=True)
+    # Copies, so the model never shares memory with the caller's tensors (e.g. a live model's).
+    model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a tensor outside the state_dict
+        raise RuntimeError(f"{type(model).__name__} has tensors that no state_dict sets; build it on a real device")
     return model
 
 
@@ -114,7 +125,7 @@ def from_torchvision(checkpoint: Checkpoint, backbone: str | None = None, num_cl
     if backbone != found:
         raise ValueError(f"not {what}: the file holds deeplabv3_{found}")
     aux = any(key.startswith("aux_classifier.") for key in keys)
-    model = build_model("deeplabv3", backbone, num_classes, aux=aux, **TORCHVISION_DEEPLABV3)
+    model = _build("deeplabv3", backbone, num_classes, aux=aux, **TORCHVISION_DEEPLABV3)
     return _load_exact(model, state_dict, what)
 
 
@@ -221,7 +232,7 @@ def from_vainf(
             f"{origin} holds VainF's {found_arch} with {found_backbone} and {found_classes} classes, not {arch} with "
             f"{backbone} and {num_classes} classes"
         )
-    model = build_model(
+    model = _build(
         arch, backbone, num_classes, output_stride=output_stride,
         **_VAINF_BACKBONE_OPTIONS[backbone], **_VAINF_HEAD_OPTIONS[arch],
     )
@@ -303,7 +314,7 @@ def from_kazuto(checkpoint: Checkpoint, num_classes: int) -> nn.Module:
             f"{_origin(checkpoint)} holds a kazuto DeepLabV2 with {blocks} blocks in its layer4 (ResNet-101: 23) and "
             f"{found_classes} classes; asked for {num_classes} classes"
         )
-    model = build_model(
+    model = _build(
         "deeplabv2", backbone, num_classes, msc_scales=KAZUTO_MSC_SCALES if msc else None, **KAZUTO_DEEPLABV2
     )
     return _load_exact(model, ours, f"a kazuto DeepLabV2 {backbone} state_dict")
