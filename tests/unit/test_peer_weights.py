@@ -8,6 +8,8 @@ peer's file layout; the converted model must reproduce its logits to a relative 
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torchvision
@@ -419,3 +421,37 @@ def test_torchvision_backbone_is_read_from_the_file_and_differences_are_summaris
         from_torchvision(state, num_classes=5)
     message = str(error.value)
     assert "missing (1): classifier.4.bias" in message and "shape mismatch" in message and len(message) < 1000
+
+
+# --------------------------------------------------------------------------- class lists and label tables
+
+
+def test_cityscapes_tables_match_cityscapesscripts():
+    from cityscapesscripts.helpers import labels as official
+
+    from deeplab_core.datasets import (
+        CITYSCAPES_CLASSES, CITYSCAPES_COLORS, CITYSCAPES_LABEL_TO_TRAIN_ID, CITYSCAPES_LABELS, cityscapes_palette,
+        cityscapes_train_ids,
+    )
+
+    assert [(l.name, l.id, l.train_id, l.color) for l in CITYSCAPES_LABELS] == [
+        (l.name, l.id, l.trainId, tuple(l.color)) for l in official.labels
+    ]
+    expected = np.full(256, 255, dtype=np.uint8)
+    for label in official.labels:
+        if label.id >= 0:
+            expected[label.id] = 255 if label.trainId in (255, -1) else label.trainId
+    assert np.array_equal(CITYSCAPES_LABEL_TO_TRAIN_ID, expected)
+    trained = {l.trainId: l for l in official.labels if l.trainId not in (255, -1)}
+    assert CITYSCAPES_CLASSES == tuple(trained[i].name for i in range(19))
+    assert CITYSCAPES_COLORS == tuple(tuple(trained[i].color) for i in range(19))
+    assert cityscapes_palette()[:6] == [128, 64, 128, 244, 35, 232] and len(cityscapes_palette()) == 768
+    raw = np.array([[0, 7, 8, 33], [34, 255, 26, 29]], dtype=np.uint8)  # a *_gtFine_labelIds.png array
+    assert cityscapes_train_ids(raw).tolist() == [[255, 0, 1, 18], [255, 255, 13, 255]]
+    assert cityscapes_train_ids(np.array([-1, 1000, 24])).tolist() == [255, 255, 11]
+
+
+def test_voc_classes():
+    from deeplab_core.datasets import VOC_CLASSES
+
+    assert len(VOC_CLASSES) == 21 and VOC_CLASSES[0] == "background" and VOC_CLASSES[15] == "person"
