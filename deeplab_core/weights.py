@@ -155,17 +155,21 @@ _VAINF_HEAD_KEYS: dict[str, list[tuple[str, str]]] = {
         ("classifier.classifier.3.", "classifier.decoder.classify."),
     ],
 }
+# With --separable_conv, VainF's 3x3 convs in the v3+ head become `body` = (depthwise, pointwise).
+_VAINF_SEPARABLE_KEYS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^classifier\.aspp\.convs\.([123])\.0\.body\.0\."), r"classifier.aspp.convs.\1.depthwise."),
+    (re.compile(r"^classifier\.aspp\.convs\.([123])\.0\.body\.1\."), r"classifier.aspp.convs.\1.pointwise."),
+    (re.compile(r"^classifier\.aspp\.convs\.([123])\.1\."), r"classifier.aspp.convs.\1.pointwise_bn."),
+    (re.compile(r"^classifier\.classifier\.0\.body\.0\."), "classifier.decoder.fuse.0.depthwise."),
+    (re.compile(r"^classifier\.classifier\.0\.body\.1\."), "classifier.decoder.fuse.0.pointwise."),
+    (re.compile(r"^classifier\.classifier\.1\."), "classifier.decoder.fuse.0.pointwise_bn."),
+]
+# Our separable conv as VainF's: depthwise -> pointwise -> BN -> ReLU (no BN + ReLU in between).
+_VAINF_SEPARABLE_OPTIONS = {"separable": True, "separable_depthwise_bn": False}
 _VAINF_CLASSIFIER = {"deeplabv3": "classifier.classifier.4.weight", "deeplabv3plus": "classifier.classifier.3.weight"}
 # VainF splits MobileNetV2's features into features[0:4] and features[4:-1].
 _VAINF_MOBILENET = re.compile(r"^backbone\.(low|high)_level_features\.(\d+)\.")
 _VAINF_HIGH_START = 4
-
-_SEPARABLE_REFUSAL = (
-    "VainF's --separable_conv models are not converted: its separable conv is depthwise -> pointwise -> BN -> ReLU, "
-    "ours (the DeepLabv3+ paper's) depthwise -> BN -> ReLU -> pointwise -> BN -> ReLU. No choice of weights makes "
-    "the BN + ReLU between the two convs an identity (ReLU clips negative values), so the converted model could not "
-    "compute the peer's logits; it would take synthesised layers that do not exist in either network"
-)
 
 
 def _vainf_arch(keys: set[str]) -> str | None:
@@ -189,10 +193,13 @@ def _vainf_backbone(keys: set[str]) -> str:
     return "an unknown backbone"
 
 
-def _vainf_key(key: str, arch: str) -> str:
+def _vainf_key(key: str, arch: str, separable: bool) -> str:
     if match := _VAINF_MOBILENET.match(key):
         index = int(match.group(2)) + (_VAINF_HIGH_START if match.group(1) == "high" else 0)
         return f"backbone.features.{index}." + key[match.end():]
+    for pattern, replacement in _VAINF_SEPARABLE_KEYS if separable else ():
+        if pattern.match(key):
+            return pattern.sub(replacement, key, count=1)
     for old, new in _VAINF_HEAD_KEYS[arch]:
         if key.startswith(old):
             return new + key.removeprefix(old)
@@ -207,8 +214,9 @@ def from_vainf(
 
     arch: "deeplabv3" | "deeplabv3plus"; backbone: "resnet50" | "resnet101" | "mobilenetv2";
     `output_stride` (8 or 16) is the one the model was trained / is to be run at: the weights are
-    the same at both, so it cannot be read from the file. Separable-conv models are refused (why:
-    `_SEPARABLE_REFUSAL`), as are VainF's Xception and HRNet backbones.
+    the same at both, so it cannot be read from the file. `--separable_conv` v3+ models convert
+    with `separable=True, separable_depthwise_bn=False`. VainF's Xception and HRNet backbones are
+    refused.
     """
     obj = as_checkpoint(checkpoint)
     state = obj["model_state"] if isinstance(obj.get("model_state"), Mapping) else obj
@@ -218,8 +226,7 @@ def from_vainf(
     origin = _origin(checkpoint)
     if found_arch is None:
         raise unknown_checkpoint_error(obj, origin, "a VainF/DeepLabV3Plus-Pytorch DeepLabV3 / V3+ checkpoint")
-    if any(k.startswith("classifier.") and ".body.0." in k for k in keys):
-        raise ValueError(f"{origin}: {_SEPARABLE_REFUSAL}")
+    separable = any(k.startswith("classifier.") and ".body.0." in k for k in keys)
     found_backbone = _vainf_backbone(keys)
     if found_backbone not in _VAINF_BACKBONE_OPTIONS:
         raise ValueError(
@@ -235,8 +242,9 @@ def from_vainf(
     model = _build(
         arch, backbone, num_classes, output_stride=output_stride,
         **_VAINF_BACKBONE_OPTIONS[backbone], **_VAINF_HEAD_OPTIONS[arch],
+        **(_VAINF_SEPARABLE_OPTIONS if separable else {}),
     )
-    ours = {_vainf_key(k, arch): v for k, v in state.items()}
+    ours = {_vainf_key(k, arch, separable): v for k, v in state.items()}
     return _load_exact(model, ours, f"a VainF {arch} {backbone} state_dict")
 
 

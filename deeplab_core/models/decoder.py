@@ -30,6 +30,7 @@ class Decoder(nn.Module):
         separable: bool = False,
         convs: int = 2,
         concat: str = "aspp_first",
+        separable_depthwise_bn: bool = True,
     ) -> None:
         super().__init__()
         if convs < 1:
@@ -41,7 +42,10 @@ class Decoder(nn.Module):
         widths = [in_channels + low_project_channels] + [channels] * convs
         layers: list[nn.Module] = []
         for c_in, c_out in zip(widths, widths[1:]):
-            layers += [SeparableConv2d(c_in, c_out)] if separable else conv_bn_relu(c_in, c_out, 3)
+            if separable:
+                layers.append(SeparableConv2d(c_in, c_out, depthwise_bn=separable_depthwise_bn))
+            else:
+                layers += conv_bn_relu(c_in, c_out, 3)
         self.fuse = nn.Sequential(*layers)
         self.classify = nn.Conv2d(channels, num_classes, 1)
 
@@ -65,11 +69,16 @@ class DeepLabV3PlusHead(nn.Module):
         aspp_dropout: float = 0.1,
         decoder_convs: int = 2,
         decoder_concat: str = "aspp_first",
+        separable_depthwise_bn: bool = True,
     ) -> None:
         super().__init__()
-        self.aspp = ASPP(in_channels, atrous_rates, separable=separable, dropout=aspp_dropout)
+        self.aspp = ASPP(
+            in_channels, atrous_rates, separable=separable, dropout=aspp_dropout,
+            separable_depthwise_bn=separable_depthwise_bn,
+        )
         self.decoder = Decoder(
-            low_channels, num_classes, separable=separable, convs=decoder_convs, concat=decoder_concat
+            low_channels, num_classes, separable=separable, convs=decoder_convs, concat=decoder_concat,
+            separable_depthwise_bn=separable_depthwise_bn,
         )
 
     def forward(self, x: Tensor, low: Tensor) -> Tensor:

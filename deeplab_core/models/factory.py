@@ -115,11 +115,12 @@ def _deeplabv3plus(
     separable: bool = False,
     decoder_convs: int = 2,
     decoder_concat: str = "aspp_first",
+    separable_depthwise_bn: bool = True,
 ) -> nn.Module:
     rates = _aspp_rates(parts.output_stride, aspp_rates)
     head = DeepLabV3PlusHead(
         parts.channels["out"], parts.channels["low"], parts.num_classes, rates, separable, aspp_dropout,
-        decoder_convs, decoder_concat,
+        decoder_convs, decoder_concat, separable_depthwise_bn,
     )
     return DeepLabV3Plus(parts.body, head, parts.aux_classifier)
 

@@ -9,7 +9,6 @@ peer's file layout; the converted model must reproduce its logits to a relative 
 import math
 
 import numpy as np
-
 import pytest
 import torch
 import torchvision
@@ -19,7 +18,12 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 
 from deeplab_core.models import build_model
-from deeplab_core.weights import KAZUTO_MEAN_BGR, from_kazuto, from_torchvision, from_vainf
+from deeplab_core.weights import (
+    KAZUTO_MEAN_BGR,
+    from_kazuto,
+    from_torchvision,
+    from_vainf,
+)
 
 TOLERANCE = 1e-5
 SIZE = (65, 65)
@@ -59,17 +63,40 @@ class VainFV3Head(nn.Module):
         return self.classifier(features["out"])
 
 
+class VainFSeparable(nn.Module):
+    """VainF `AtrousSeparableConvolution` replacing a 3x3 conv: `body` = depthwise 3x3 (same
+    padding and dilation) -> pointwise 1x1, nothing in between; the conv's BN + ReLU follow."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        c_in = conv.in_channels
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_in, 3, padding=conv.padding, dilation=conv.dilation, groups=c_in, bias=False),
+            nn.Conv2d(c_in, conv.out_channels, 1, bias=False),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
 class VainFV3PlusHead(nn.Module):
     """VainF `DeepLabHeadV3Plus`: 1x1 48-ch projection of the low-level tap, concat [low, ASPP],
-    one 3x3 256 conv + BN + ReLU, 1x1 classifier."""
+    one 3x3 256 conv + BN + ReLU, 1x1 classifier. `separable`: its `--separable_conv`, every 3x3
+    conv of the head (three ASPP branches, the decoder conv) made a `VainFSeparable`."""
 
-    def __init__(self, in_channels: int, low_channels: int, num_classes: int, rates: tuple[int, ...]) -> None:
+    def __init__(
+        self, in_channels: int, low_channels: int, num_classes: int, rates: tuple[int, ...], separable: bool = False
+    ) -> None:
         super().__init__()
         self.project = nn.Sequential(nn.Conv2d(low_channels, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU())
         self.aspp = ASPP(in_channels, rates)
         self.classifier = nn.Sequential(
             nn.Conv2d(304, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(), nn.Conv2d(256, num_classes, 1)
         )
+        if separable:
+            for branch in self.aspp.convs[1:4]:
+                branch[0] = VainFSeparable(branch[0])
+            self.classifier[0] = VainFSeparable(self.classifier[0])
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         low = self.project(features["low_level"])
@@ -137,7 +164,7 @@ class VainFMobileNetV2(nn.Module):
 
 
 class VainFModel(nn.Module):
-    def __init__(self, arch: str, backbone: str, num_classes: int, output_stride: int) -> None:
+    def __init__(self, arch: str, backbone: str, num_classes: int, output_stride: int, separable: bool = False) -> None:
         super().__init__()
         rates = (12, 24, 36) if output_stride == 8 else (6, 12, 18)
         if backbone == "mobilenetv2":
@@ -151,7 +178,7 @@ class VainFModel(nn.Module):
         if arch == "deeplabv3":
             self.classifier: nn.Module = VainFV3Head(channels, num_classes, rates)
         else:
-            self.classifier = VainFV3PlusHead(channels, low_channels, num_classes, rates)
+            self.classifier = VainFV3PlusHead(channels, low_channels, num_classes, rates, separable)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.classifier(self.backbone(x))
@@ -220,12 +247,16 @@ def test_vainf_mobilenet_padding_matters(vainf_states):
         assert relative_difference(plain.eval()(x), expected) > 1e-3
 
 
-def test_from_vainf_refuses_separable_convs_and_says_why():
-    state = {"classifier.aspp.project.0.weight": torch.zeros(256, 1280, 1, 1),
-             "classifier.aspp.convs.1.0.body.0.weight": torch.zeros(2048, 1, 3, 3),
-             "classifier.aspp.convs.1.0.body.1.weight": torch.zeros(256, 2048, 1, 1)}
-    with pytest.raises(ValueError, match=r"separable.*depthwise -> pointwise -> BN -> ReLU.*ReLU clips"):
-        from_vainf({"model_state": state}, "deeplabv3plus", "resnet50", 21)
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_from_vainf_separable_same_logits(output_stride):
+    torch.manual_seed(3)
+    reference = VainFModel("deeplabv3plus", "mobilenetv2", 21, output_stride, separable=True)
+    perturb_batchnorm(reference)
+    ours = from_vainf(vainf_checkpoint(reference), "deeplabv3plus", "mobilenetv2", 21, output_stride)
+    assert ours.config["separable"] is True and ours.config["separable_depthwise_bn"] is False
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        assert relative_difference(ours.eval()(x), reference.eval()(x)) < TOLERANCE
 
 
 def test_from_vainf_says_what_the_file_holds(vainf_states):
@@ -430,7 +461,11 @@ def test_cityscapes_tables_match_cityscapesscripts():
     from cityscapesscripts.helpers import labels as official
 
     from deeplab_core.datasets import (
-        CITYSCAPES_CLASSES, CITYSCAPES_COLORS, CITYSCAPES_LABEL_TO_TRAIN_ID, CITYSCAPES_LABELS, cityscapes_palette,
+        CITYSCAPES_CLASSES,
+        CITYSCAPES_COLORS,
+        CITYSCAPES_LABEL_TO_TRAIN_ID,
+        CITYSCAPES_LABELS,
+        cityscapes_palette,
         cityscapes_train_ids,
     )
 
