@@ -7,6 +7,7 @@ peer's file layout; the converted model must reproduce its logits to a relative 
 """
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -389,6 +390,44 @@ def test_from_kazuto_without_msc(kazuto, tmp_path):
         from_kazuto(base, num_classes=19)
 
 
+PEER_OPTIONS = [
+    ("deeplabv2", "resnet18", {"dilate_first_block": True, "maxpool_ceil_mode": True, "msc_scales": (1, 0.75, 0.5),
+                               "msc_fusion": "score_map", "msc_resize": "scale_factor"}),
+    ("deeplabv3plus", "mobilenetv2", {"width_mult": 0.25, "stem_padding": 0, "block_padding": "input",
+                                      "decoder_convs": 1, "decoder_concat": "low_first", "separable": True,
+                                      "separable_depthwise_bn": False}),
+]
+
+
+@pytest.mark.parametrize(("arch", "backbone", "opts"), PEER_OPTIONS)
+def test_peer_options_script_and_export(arch, backbone, opts):
+    torch.manual_seed(0)
+    model = build_model(arch, backbone, num_classes=3, **opts).eval()
+    x = torch.rand(1, 3, *KAZUTO_SIZE)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), expected)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+            torch.testing.assert_close(torch.jit.script(model)(x), expected)
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        ({"backbone": "resnet18", "stride_in": "1x1"}, "needs bottleneck blocks"),
+        ({"backbone": "resnet18", "stride_in": "2x2"}, "choose from: 3x3, 1x1"),
+        ({"backbone": "resnet18", "msc_scales": (0.75, 0.5), "msc_fusion": "score_map"}, "must include 1"),
+        ({"backbone": "resnet18", "msc_fusion": "logits"}, "choose from: input_size, score_map"),
+        ({"arch": "deeplabv3plus", "backbone": "mobilenetv2", "block_padding": "same"}, "choose from: depthwise, input"),
+        ({"arch": "deeplabv3plus", "backbone": "resnet18", "decoder_concat": "low"}, "aspp_first, low_first"),
+    ],
+)
+def test_invalid_peer_options(opts, message):
+    with torch.device("meta"), pytest.raises(ValueError, match=message):
+        build_model(**{"arch": "deeplabv2", **opts})
+
+
 # --------------------------------------------------------------------------- clear errors
 
 
@@ -433,7 +472,7 @@ def test_torchvision_mobilenet_v3_is_refused_briefly():
             weights=None, weights_backbone=None, num_classes=21, aux_loss=True
         )
     state = {k: v for k, v in reference.state_dict().items()}
-    for backbone in (None, "resnet101"):
+    for backbone in (None, "resnet101", "mobilenetv2"):
         with pytest.raises(ValueError) as error:
             from_torchvision(state, backbone=backbone)
         message = str(error.value)
