@@ -131,7 +131,9 @@ def unknown_checkpoint_error(obj: Mapping[str, Any], origin: str, expected: str)
     """The error for a file that is not what an importer reads: what it is (if known), what is in it."""
     found = identify(obj)
     hint = f"it looks like a {found[0]}: use {found[1]}" if found else (
-        "not recognised as a deeplab-ray, VainF, kazuto1011 or torchvision checkpoint"
+        "not recognised as any known checkpoint. Importers: deeplab_core.weights.from_torchvision (torchvision "
+        "deeplabv3_resnet50/101), from_vainf (VainF/DeepLabV3Plus-Pytorch), from_kazuto (kazuto1011/deeplab-pytorch "
+        "DeepLabV2); build_model(pretrained=...) for backbone weights by name"
     )
     return ValueError(f"{origin} is not {expected}; {hint}. Found {describe(obj)}")
 

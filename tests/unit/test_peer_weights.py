@@ -28,6 +28,9 @@ from deeplab_core.weights import (
 
 TOLERANCE = 1e-5
 SIZE = (65, 65)
+# ResNets at 33x33: the feature maps (5x5 / 3x3 at OS 8 / 16) are already smaller than every ASPP
+# rate at 65x65 too, and dilated convolutions are slow on CPU.
+RESNET_SIZE = (33, 33)
 
 
 def relative_difference(actual: Tensor, expected: Tensor) -> float:
@@ -223,12 +226,13 @@ def test_from_vainf_same_logits(vainf_states, arch, backbone, output_stride):
     reference = vainf_reference(vainf_states, arch, backbone, output_stride)
     ours = from_vainf(vainf_checkpoint(reference), arch, backbone, 21, output_stride=output_stride)
     assert ours.config["arch"] == arch and ours.config["output_stride"] == output_stride
+    size = SIZE if backbone == "mobilenetv2" else RESNET_SIZE
     torch.manual_seed(1)
-    x = torch.randn(1, 3, *SIZE)
+    x = torch.randn(1, 3, *size)
     with torch.no_grad():
         expected = reference(x)
         actual = ours.eval()(x)
-    assert actual.shape == expected.shape == (1, 21, *SIZE)
+    assert actual.shape == expected.shape == (1, 21, *size)
     assert relative_difference(actual, expected) < TOLERANCE
 
 
@@ -333,14 +337,21 @@ def kazuto_base(x: Tensor, state: dict[str, Tensor]) -> Tensor:
                for i, r in enumerate(KAZUTO_RATES))
 
 
-def kazuto_msc(x: Tensor, state: dict[str, Tensor]) -> Tensor:
+def kazuto_msc(x: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """kazuto's MSC: the base on x and on x resized by scale_factor 0.5 / 0.75; pixel-wise max at
-    the scale-1 score-map size (its output: stride-8 logits)."""
+    the scale-1 score-map size (its output: stride-8 logits), upsampled to the input as its demo
+    does. Also returns the other fusion (each scale upsampled to the input first, then max)."""
+    size = x.shape[-2:]
     logits = kazuto_base(x, state)
     pyramid = [kazuto_base(F.interpolate(x, scale_factor=p, mode="bilinear", align_corners=False), state)
                for p in (0.5, 0.75)]
-    resized = [F.interpolate(p, size=logits.shape[-2:], mode="bilinear", align_corners=False) for p in pyramid]
-    return torch.stack([logits, *resized]).amax(dim=0)
+
+    def upsample(scores: Tensor, to: tuple[int, ...]) -> Tensor:
+        return F.interpolate(scores, size=to, mode="bilinear", align_corners=False)
+
+    at_score_map = torch.stack([logits, *(upsample(p, logits.shape[-2:]) for p in pyramid)]).amax(dim=0)
+    at_input_size = torch.stack([upsample(p, size) for p in (logits, *pyramid)]).amax(dim=0)
+    return upsample(at_score_map, size), at_input_size
 
 
 @pytest.fixture(scope="module")
@@ -367,12 +378,11 @@ def test_from_kazuto_same_logits_with_msc(kazuto):
     bgr_caffe = rgb.flip(1) * 255 - torch.tensor(KAZUTO_MEAN_BGR).view(1, 3, 1, 1)
     ours_input = (rgb - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)  # what the batch job feeds
     with torch.no_grad():
-        expected = F.interpolate(kazuto_msc(bgr_caffe, kazuto), size=KAZUTO_SIZE, mode="bilinear", align_corners=False)
+        expected, fused_at_input_size = kazuto_msc(bgr_caffe, kazuto)
         actual = model(ours_input)
-        assert relative_difference(actual, expected) < TOLERANCE
-        # The fusion resolution matters: fusing after upsampling each scale gives other logits.
-        model.fuse_at_score_map = False
-        assert relative_difference(model(ours_input), expected) > 1e-4
+    assert relative_difference(actual, expected) < TOLERANCE
+    # The fusion resolution matters: fusing after upsampling each scale gives other logits.
+    assert relative_difference(fused_at_input_size, expected) > 1e-4
 
 
 def test_from_kazuto_without_msc(kazuto, tmp_path):
@@ -400,13 +410,12 @@ PEER_OPTIONS = [
 
 
 @pytest.mark.parametrize(("arch", "backbone", "opts"), PEER_OPTIONS)
-def test_peer_options_script_and_export(arch, backbone, opts):
+def test_peer_options_script(arch, backbone, opts):
     torch.manual_seed(0)
     model = build_model(arch, backbone, num_classes=3, **opts).eval()
     x = torch.rand(1, 3, *KAZUTO_SIZE)
     with torch.no_grad():
         expected = model(x)
-        torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), expected)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
             torch.testing.assert_close(torch.jit.script(model)(x), expected)
@@ -436,7 +445,7 @@ def test_unknown_checkpoint_says_what_it_found():
     with pytest.raises(ValueError) as error:
         from_vainf(junk, "deeplabv3plus", "resnet101", 21)
     message = str(error.value)
-    assert "is not a VainF/DeepLabV3Plus-Pytorch" in message and "not recognised" in message
+    assert "is not a VainF/DeepLabV3Plus-Pytorch" in message and "not recognised" in message and "from_kazuto" in message
     assert "top-level keys: epoch (int), net (dict)" in message and "encoder.conv.weight" in message
 
 
