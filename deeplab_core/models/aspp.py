@@ -43,21 +43,30 @@ class SeparableConv2d(nn.Sequential):
 
     DeepLabv3+ adds BN + ReLU after the depthwise conv (MobileNet style); `relu=False` leaves the
     output un-activated, for Xception units whose ReLU comes before the next conv or the sum.
+    `depthwise_bn=False` drops that inner BN + ReLU: depthwise -> pointwise -> BN -> ReLU, a plain
+    factorised 3x3 conv (VainF's `--separable_conv`).
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1, relu: bool = True
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        dilation: int = 1,
+        relu: bool = True,
+        depthwise_bn: bool = True,
     ) -> None:
-        layers = OrderedDict(
+        layers: OrderedDict[str, nn.Module] = OrderedDict(
             depthwise=nn.Conv2d(
                 in_channels, in_channels, 3, stride=stride, padding=dilation, dilation=dilation,
                 groups=in_channels, bias=False,
-            ),
-            depthwise_bn=nn.BatchNorm2d(in_channels),
-            depthwise_relu=nn.ReLU(),
-            pointwise=nn.Conv2d(in_channels, out_channels, 1, bias=False),
-            pointwise_bn=nn.BatchNorm2d(out_channels),
+            )
         )
+        if depthwise_bn:
+            layers["depthwise_bn"] = nn.BatchNorm2d(in_channels)
+            layers["depthwise_relu"] = nn.ReLU()
+        layers["pointwise"] = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        layers["pointwise_bn"] = nn.BatchNorm2d(out_channels)
         if relu:
             layers["pointwise_relu"] = nn.ReLU()
         super().__init__(layers)
@@ -97,11 +106,15 @@ class ASPP(nn.Module):
         out_channels: int = 256,
         separable: bool = False,
         dropout: float = 0.1,
+        separable_depthwise_bn: bool = True,
     ) -> None:
         super().__init__()
         branches: list[nn.Module] = [nn.Sequential(*conv_bn_relu(in_channels, out_channels))]
-        atrous_branch = SeparableConv2d if separable else ASPPConv
-        branches += [atrous_branch(in_channels, out_channels, dilation=rate) for rate in atrous_rates]
+        for rate in atrous_rates:
+            branches.append(
+                SeparableConv2d(in_channels, out_channels, dilation=rate, depthwise_bn=separable_depthwise_bn)
+                if separable else ASPPConv(in_channels, out_channels, dilation=rate)
+            )
         branches.append(ASPPPooling(in_channels, out_channels))
         self.convs = nn.ModuleList(branches)
         self.project = nn.Sequential(

@@ -1,9 +1,13 @@
 """`build_model`: one registry of architectures and one of backbones.
 
 Options (`**opts` of build_model) are the keyword-only parameters of the chosen backbone's
-builder (e.g. `multi_grid`, `width_mult`) and of the architecture's builder (e.g. `aspp`,
-`msc_scales`, `aspp_rates`, `aspp_dropout`, `separable`, `dropout`); anything else is a
-ValueError that lists the valid ones.
+builder (e.g. `multi_grid`, `stride_in`, `width_mult`, `block_padding`) and of the
+architecture's builder (e.g. `aspp`, `msc_scales`, `msc_fusion`, `aspp_rates`, `separable`,
+`decoder_convs`); anything else is a ValueError that lists the valid ones.
+
+`input_mean` / `input_std` record the normalisation the model's input expects,
+`(rgb / 255 - mean) / std` (ImageNet's by default); converted peer models that were trained on
+other inputs (e.g. Caffe's BGR 0-255 minus the mean pixel) carry theirs there.
 """
 
 import inspect
@@ -16,7 +20,8 @@ from typing import Any
 from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 
-from ..weights import load_backbone_weights
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from ..loading import load_backbone_weights
 from .aspp import ASPPV2, DeepLabHead, LargeFOV
 from .deeplab import DeepLabV1, DeepLabV2, DeepLabV3, DeepLabV3Plus
 from .decoder import DeepLabV3PlusHead
@@ -71,7 +76,14 @@ def _deeplabv1(parts: Parts, *, dropout: float = 0.5) -> nn.Module:
 ASPP_V2_RATES = {"L": (6, 12, 18, 24), "S": (2, 4, 8, 12)}
 
 
-def _deeplabv2(parts: Parts, *, aspp: str = "L", msc_scales: Sequence[float] | None = None) -> nn.Module:
+def _deeplabv2(
+    parts: Parts,
+    *,
+    aspp: str = "L",
+    msc_scales: Sequence[float] | None = None,
+    msc_fusion: str = "input_size",
+    msc_resize: str = "size",
+) -> nn.Module:
     rates = choose(ASPP_V2_RATES, aspp, "aspp")
     in_channels, num_classes = parts.channels["out"], parts.num_classes
     if parts.backbone == "vgg16":
@@ -79,7 +91,7 @@ def _deeplabv2(parts: Parts, *, aspp: str = "L", msc_scales: Sequence[float] | N
         branches = [LargeFOV(in_channels, num_classes, rate) for rate in rates]
     else:
         branches = [nn.Conv2d(in_channels, num_classes, 3, padding=rate, dilation=rate) for rate in rates]
-    return DeepLabV2(parts.body, ASPPV2(branches), parts.aux_classifier, msc_scales or ())
+    return DeepLabV2(parts.body, ASPPV2(branches), parts.aux_classifier, msc_scales or (), msc_fusion, msc_resize)
 
 
 def _aspp_rates(output_stride: int, aspp_rates: Sequence[int] | None) -> tuple[int, ...]:
@@ -96,11 +108,19 @@ def _deeplabv3(parts: Parts, *, aspp_rates: Sequence[int] | None = None, aspp_dr
 
 
 def _deeplabv3plus(
-    parts: Parts, *, aspp_rates: Sequence[int] | None = None, aspp_dropout: float = 0.1, separable: bool = False
+    parts: Parts,
+    *,
+    aspp_rates: Sequence[int] | None = None,
+    aspp_dropout: float = 0.1,
+    separable: bool = False,
+    decoder_convs: int = 2,
+    decoder_concat: str = "aspp_first",
+    separable_depthwise_bn: bool = True,
 ) -> nn.Module:
     rates = _aspp_rates(parts.output_stride, aspp_rates)
     head = DeepLabV3PlusHead(
-        parts.channels["out"], parts.channels["low"], parts.num_classes, rates, separable, aspp_dropout
+        parts.channels["out"], parts.channels["low"], parts.num_classes, rates, separable, aspp_dropout,
+        decoder_convs, decoder_concat, separable_depthwise_bn,
     )
     return DeepLabV3Plus(parts.body, head, parts.aux_classifier)
 
@@ -148,6 +168,8 @@ def build_model(
     output_stride: int | None = None,
     pretrained: str | None = None,
     aux: bool = False,
+    input_mean: Sequence[float] = IMAGENET_MEAN,
+    input_std: Sequence[float] = IMAGENET_STD,
     **opts: Any,
 ) -> nn.Module:
     """Build a DeepLab model; see the module docstring and docs/models.md for the options.
@@ -155,6 +177,8 @@ def build_model(
     `pretrained` (a local path, an fsspec URI, or "imagenet" for torchvision's ImageNet weights)
     loads into the backbone by name. It is left out of `model.config`: a rebuilt model gets its
     weights from its checkpoint, not from where its backbone once came from.
+    `input_mean` / `input_std` (RGB, for inputs scaled to [0, 1]) are recorded in `model.config`
+    for whoever feeds the model; the network itself never reads them.
     """
     arch_spec: ArchSpec = choose(ARCHS, arch, "arch")
     backbone = arch_spec.default_backbone if backbone is None else backbone
@@ -192,6 +216,7 @@ def build_model(
     model.config = json.loads(json.dumps({
         "arch": arch, "backbone": backbone, "num_classes": num_classes, "output_stride": output_stride,
         "aux": aux, **backbone_kwargs, **head_kwargs,
+        "input_mean": [float(m) for m in input_mean], "input_std": [float(s) for s in input_std],
     }))
     return model
 

@@ -292,8 +292,10 @@ def test_eval_mode_is_deterministic(arch, backbone):
         ({"arch": "deeplabv2", "backbone": "vgg16", "output_stride": 16}, "choose from: 8"),
         ({"arch": "deeplabv3plus", "backbone": "mobilenetv2", "aux": True}, "choose from: resnet18, resnet50, resnet101"),
         ({"arch": "deeplabv2", "aspp": "M"}, "choose from: L, S"),
-        ({"arch": "deeplabv3", "separable": True}, "aspp_dropout, aspp_rates, multi_grid"),
-        ({"arch": "deeplabv3plus", "backbone": "xception65", "width_mult": 0.5}, "aspp_dropout, aspp_rates, separable"),
+        ({"arch": "deeplabv3", "separable": True},
+         "aspp_dropout, aspp_rates, dilate_first_block, maxpool_ceil_mode, multi_grid, stride_in"),
+        ({"arch": "deeplabv3plus", "backbone": "xception65", "width_mult": 0.5},
+         "aspp_dropout, aspp_rates, decoder_concat, decoder_convs, separable"),
     ],
 )
 def test_invalid_choices_raise_with_the_valid_ones(kwargs, choices):
