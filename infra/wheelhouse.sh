@@ -116,7 +116,7 @@ for f in "$DEST"/*.whl; do
   fi
 done
 bad=$(cut -d- -f1 "$work/wanted" | norm | tr - _ | grep -E "$EXCLUDED" || true)
-[[ -z $bad ]] || die "the tier pulls preinstalled packages: $(echo $bad) - fix ${REQ#"$ROOT"/}"
+[[ -z $bad ]] || die "the tier pulls preinstalled packages: $(tr "\n" " " <<<"$bad") - fix ${REQ#"$ROOT"/}"
 find "$DEST" -maxdepth 1 -type f ! -name '*.whl' -delete
 
 # 4. sizes
@@ -126,7 +126,8 @@ find "$DEST" -maxdepth 1 -name '*.whl' -printf '%s %f\n' | sort -rn | head -n 8 
   | while read -r size name; do log "  $(mib "$size") MiB  $name"; done
 log "$count wheels, $(mib "$total") MiB ($total bytes) in ${DEST#"$ROOT"/}"
 if [[ $TIER == gpu ]]; then
-  tree=$(git -C "$ROOT" ls-files -z | (cd "$ROOT" && xargs -0 stat -c %s 2>/dev/null) | awk '{s += $1} END {print s + 0}')
+  tree=$({ git -C "$ROOT" ls-files -z 2>/dev/null || true; } | (cd "$ROOT" && xargs -0 -r stat -c %s 2>/dev/null || true) \
+    | awk '{s += $1} END {print s + 0}')
   log "with the tracked source tree ($(mib "$tree") MiB): $(mib $((total + tree))) of the 64 MiB carry"
   ((total + tree <= CARRY_LIMIT_BYTES)) || die "does not fit the 64 MiB carry"
 fi
