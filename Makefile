@@ -37,3 +37,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf data outputs mlflow.db mlartifacts ray_results .pytest_cache
+
+# Offline wheels for the lent GPU machine (CPython 3.12, no package index): docs/operations.md.
+# WHEELHOUSE_TIER=gpu (default; fits the 64 MiB carry) or full.
+.PHONY: wheelhouse
+wheelhouse:
+	bash infra/wheelhouse.sh $(WHEELHOUSE_TIER)
