@@ -96,7 +96,7 @@ def _since(cfg: SegmentConfig, state: Mapping[str, Any]) -> datetime | None:
 
 
 def make_plan(cfg: SegmentConfig, model, meta: Mapping[str, Any], *, table: bool, score: bool) -> InferencePlan:
-    mean, std = normalisation_of(meta)
+    mean, std = normalisation_of(meta, model)
     return InferencePlan(
         num_classes=num_classes_of(model), mean=mean, std=std, scales=tuple(cfg.scales), flip=cfg.flip,
         fusion=cfg.fusion, max_pixels=cfg.max_pixels, crf=cfg.crf, crf_params=cfg.crf_params,

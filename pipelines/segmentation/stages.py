@@ -79,8 +79,13 @@ def num_classes_of(model) -> int:
         return int(model.eval()(torch.zeros(1, 3, 64, 64)).shape[1])
 
 
-def normalisation_of(meta: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    return tuple(meta.get("mean") or IMAGENET_MEAN), tuple(meta.get("std") or IMAGENET_STD)
+def normalisation_of(meta: Mapping[str, Any], model=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input normalisation a model was trained with: the checkpoint's meta, else the model's
+    own (`input_mean`/`input_std`, e.g. a converted Caffe model), else ImageNet's."""
+    config = getattr(model, "config", None) or {}
+    mean = meta.get("mean") or config.get("input_mean") or IMAGENET_MEAN
+    std = meta.get("std") or config.get("input_std") or IMAGENET_STD
+    return tuple(mean), tuple(std)
 
 
 def _object_array(values: Sequence[Any]) -> np.ndarray:
