@@ -25,7 +25,7 @@ from pipelines.segmentation.config import SegmentConfig  # noqa: E402
 
 # flag -> config field; the defaults and help texts are the config's own.
 FLAGS = ("model", "input", "output", "fusion", "max_pixels", "batch_size", "num_model_actors",
-         "cpus_per_model_actor", "crf_workers", "device", "since", "tracking_uri", "experiment")
+         "cpus_per_model_actor", "crf_workers", "crf_backend", "device", "since", "tracking_uri", "experiment")
 
 
 def _scales(text: str) -> tuple[float, ...]:

@@ -30,6 +30,9 @@ class SegmentConfig(Section):
                                                            "bigger ones are tiled")
     crf: bool = Field(True, description="dense CRF")
     crf_params: CRFParams = Field(default_factory=CRFParams)
+    crf_backend: Literal["auto", "pydensecrf", "torch"] = Field(
+        "auto", description="auto: the torch CRF inside the model actor on GPU clusters, pydensecrf CPU tasks "
+                            "otherwise (faster on CPU, bench/crf.py)")
     overlays: bool = Field(False, description="also write colour overlays (overlays/<id>.jpg)")
     overlay_alpha: float = Field(0.5, ge=0, le=1)
     batch_size: int = Field(4, ge=1)

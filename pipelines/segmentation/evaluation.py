@@ -45,6 +45,7 @@ def evaluate_model(
     fusion: str = "mean",
     max_pixels: int | None = None,
     crf_params: CRFParams | None = None,
+    crf_backend: str = "auto",
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     batch_size: int = 4,
@@ -72,7 +73,8 @@ def evaluate_model(
         meta["std"] = list(std)
     cfg = SegmentConfig(
         model=model_uri, input=manifest_uri, output="", scales=tuple(scales), flip=flip, fusion=fusion,
-        max_pixels=max_pixels, crf=crf, crf_params=crf_params or CRFParams(), batch_size=batch_size,
+        max_pixels=max_pixels, crf=crf, crf_params=crf_params or CRFParams(), crf_backend=crf_backend,
+        batch_size=batch_size,
         num_model_actors=num_model_actors, crf_workers=crf_workers, device=device,
         storage_options=storage_options,
     )
@@ -80,10 +82,11 @@ def evaluate_model(
     items = [item for item in listing.items if item.mask_uri]
     if not items:
         raise ValueError(f"{manifest_uri}: no rows with a mask_uri to evaluate on")
-    plan = make_plan(cfg, model, meta, table=False, score=True)
+    gpu = use_gpu(device)
+    plan = make_plan(cfg, model, meta, table=False, score=True, gpu=gpu)
     ds = build_dataset(items, plan, ray.put(model), batch_size=batch_size,
                        num_model_actors=num_model_actors, cpus_per_model_actor=1.0,
-                       crf_workers=crf_workers, gpu=use_gpu(device), write=None)
+                       crf_workers=crf_workers, gpu=gpu, write=None)
     tally = consume(ds, len(items), progress_every_s, label="evaluate")
     if tally.scored == 0:
         raise RuntimeError(f"{manifest_uri}: all {len(items)} masked rows failed ({tally.errors_by_stage})")

@@ -67,6 +67,7 @@ RESULTS_SCHEMA = pa.schema([
     ("seconds_decode", pa.float64()),
     ("seconds_model", pa.float64()),
     ("seconds_crf", pa.float64()),
+    ("crf_backend", pa.string()),  # null without CRF; absent in parts written before it existed
     ("run_id", pa.string()),
     ("model_uri", pa.string()),
     ("finished_at", pa.timestamp("us", tz="UTC")),
@@ -168,7 +169,7 @@ def read_results(output: str, storage_options: Mapping[str, Any] | None = None) 
     for path in _list_files(join_uri(output, RESULTS_DIR), storage_options, ".parquet"):
         try:
             with fs.open(path, "rb") as f:
-                tables.append(pq.read_table(f).select(RESULTS_SCHEMA.names).cast(RESULTS_SCHEMA))
+                tables.append(_conformed(pq.read_table(f)))
         except Exception as err:  # noqa: BLE001 - an unreadable part only costs a redo
             log.warning("skipping unreadable results part %s: %s", path, type(err).__name__)
     if not tables:
@@ -178,6 +179,14 @@ def read_results(output: str, storage_options: Mapping[str, Any] | None = None) 
     ids = table.column("id").to_numpy(zero_copy_only=False)
     last_of_id = np.append(ids[1:] != ids[:-1], True)
     return table.filter(pa.array(last_of_id))
+
+
+def _conformed(table: pa.Table) -> pa.Table:
+    """A results part in the current schema; columns added since it was written become nulls."""
+    for name in RESULTS_SCHEMA.names:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, RESULTS_SCHEMA.field(name).type))
+    return table.select(RESULTS_SCHEMA.names).cast(RESULTS_SCHEMA)
 
 
 def finished_ids(output: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
@@ -231,7 +240,7 @@ def error_row(error: ErrorRecord, run_id: str, model_uri: str) -> dict:
     return {
         "id": error.id, "uri": error.uri, "output_uri": None, "overlay_uri": None, "status": STATUS_ERROR,
         "classes": [], "seconds_decode": 0.0, "seconds_model": None, "seconds_crf": None,
-        "run_id": run_id, "model_uri": model_uri, "finished_at": datetime.now(timezone.utc),
+        "crf_backend": None, "run_id": run_id, "model_uri": model_uri, "finished_at": datetime.now(timezone.utc),
     }
 
 

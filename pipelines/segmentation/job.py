@@ -17,7 +17,7 @@ import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -77,7 +77,7 @@ def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *,
         compute=ray.data.ActorPoolStrategy(size=num_model_actors),
         batch_size=batch_size, batch_format="numpy", **model_resources,
     )
-    if plan.run_crf:
+    if plan.run_crf and not plan.crf_in_model:
         ds = ds.map_batches(crf_stage, fn_kwargs={"plan": plan}, batch_size=batch_size,
                             batch_format="numpy", num_cpus=1,
                             compute=ray.data.TaskPoolStrategy(size=crf_workers))
@@ -95,11 +95,21 @@ def _since(cfg: SegmentConfig, state: Mapping[str, Any]) -> datetime | None:
     return parse_time(cfg.since)
 
 
-def make_plan(cfg: SegmentConfig, model, meta: Mapping[str, Any], *, table: bool, score: bool) -> InferencePlan:
+def crf_backend_for(setting: str, gpu: bool) -> str:
+    """`auto`: the torch CRF where the model runs on a GPU (probabilities stay on the device, no
+    CPU CRF stage); pydensecrf on CPU, where bench/crf.py measures it 3-7x faster per CPU-second."""
+    if setting != "auto":
+        return setting
+    return "torch" if gpu else "pydensecrf"
+
+
+def make_plan(cfg: SegmentConfig, model, meta: Mapping[str, Any], *, table: bool, score: bool,
+              gpu: bool = False) -> InferencePlan:
     mean, std = normalisation_of(meta, model)
     return InferencePlan(
         num_classes=num_classes_of(model), mean=mean, std=std, scales=tuple(cfg.scales), flip=cfg.flip,
         fusion=cfg.fusion, max_pixels=cfg.max_pixels, crf=cfg.crf, crf_params=cfg.crf_params,
+        crf_backend=crf_backend_for(cfg.crf_backend, gpu),
         table=table, score=score, overlays=cfg.overlays, max_input_pixels=cfg.max_input_pixels,
         storage_options=cfg.storage_options,
     )
@@ -121,8 +131,9 @@ def resolve_model(uri: str) -> str:
 
 
 def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model_uri: str,
-             write: WriteSpec) -> tuple[Tally, dict | None, str | None]:
-    """Runs the stages over `todo`: the tally, and the evaluation (metrics, table) with --eval."""
+             write: WriteSpec) -> tuple[Tally, dict | None, str | None, str | None]:
+    """Runs the stages over `todo`: the tally, the evaluation (metrics, table) with --eval, and
+    the CRF backend that ran."""
     import ray
 
     from pipelines.common.checkpoints import load_model
@@ -132,18 +143,21 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model_uri: str,
     if cfg.evaluate and not evaluate:
         print("[segment] --eval: no ground-truth masks among the inputs (use a manifest with "
               "mask_uri); no evaluation", flush=True)
-    plan = make_plan(cfg, model, meta, table=evaluate, score=False)
     gpu = use_gpu(cfg.device)
+    plan = make_plan(cfg, model, meta, table=evaluate, score=False, gpu=gpu)
+    write = replace(write, crf_backend=plan.crf_backend)
+    crf = f"CRF {plan.crf_backend}" + (" (in the model actor)" if plan.crf_in_model else "") if plan.run_crf else "no CRF"
     print(f"[segment] model {model_uri} ({plan.num_classes} classes) on {'GPU' if gpu else 'CPU'}; "
-          f"scales {format_scales(cfg.scales)}, flip {cfg.flip}, CRF {cfg.crf}", flush=True)
+          f"scales {format_scales(cfg.scales)}, flip {cfg.flip}, {crf}", flush=True)
     ds = build_dataset(todo, plan, ray.put(model), batch_size=cfg.batch_size,
                        num_model_actors=cfg.num_model_actors, cpus_per_model_actor=cfg.cpus_per_model_actor,
                        crf_workers=cfg.crf_workers, gpu=gpu, write=write)
     tally = consume(ds, len(todo), cfg.progress_every_s)
+    backend = plan.crf_backend if plan.run_crf else None
     if not evaluate:
-        return tally, None, None
+        return tally, None, None, backend
     evaluation, table = evaluation_table(tally, cfg, tally.scored)
-    return tally, evaluation, table
+    return tally, evaluation, table, backend
 
 
 def _newest(*times: datetime | None) -> datetime | None:
@@ -175,7 +189,8 @@ def _run(cfg: SegmentConfig) -> SegmentReport:
     if listing.errors:
         rows = [error_row(e, run_id, model_uri) for e in listing.errors]
         write_parts(cfg.output, run_id, rows, listing.errors, options)
-    tally, evaluation, table = _segment(cfg, todo, model_uri, write) if todo else (Tally(), None, None)
+    tally, evaluation, table, crf_backend = (_segment(cfg, todo, model_uri, write) if todo
+                                             else (Tally(), None, None, None))
 
     previous = parse_time(state["watermark"]) if state.get("watermark") else None
     watermark = _newest(listing.watermark, previous)
@@ -187,7 +202,7 @@ def _run(cfg: SegmentConfig) -> SegmentReport:
         errors=tally.errors + len(listing.errors), skipped=skipped,
         seconds=time.monotonic() - started, stage_seconds=dict(tally.seconds),
         errors_by_stage=errors_by_stage, evaluation=evaluation, table=table,
-        watermark=watermark.isoformat() if watermark else None,
+        watermark=watermark.isoformat() if watermark else None, crf_backend=crf_backend,
     )
     last_run = {k: v for k, v in asdict(report).items() if k not in ("evaluation", "table")}
     write_state(cfg.output, report.watermark, last_run, options)
@@ -208,6 +223,7 @@ def log_run(cfg: SegmentConfig, report: SegmentReport) -> str:
         "model": cfg.model, "model_resolved": report.model_uri, "input": cfg.input, "output": cfg.output,
         "scales": format_scales(cfg.scales), "flip": cfg.flip, "fusion": cfg.fusion, "crf": cfg.crf,
         "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size, "since": cfg.since,
+        "crf_backend": report.crf_backend,
         **{f"crf_{k}": v for k, v in asdict(cfg.crf_params).items()},
     }
     metrics = {"images_read": report.read, "images_ok": report.ok, "images_errors": report.errors,

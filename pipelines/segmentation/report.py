@@ -84,6 +84,7 @@ class SegmentReport:
     evaluation: dict[str, dict] | None = None
     table: str | None = None
     watermark: str | None = None
+    crf_backend: str | None = None  # the CRF that ran (None: no CRF)
 
     def __post_init__(self) -> None:
         if self.read != self.ok + self.errors + self.skipped:

@@ -54,6 +54,7 @@ class InferencePlan:
     max_pixels: int | None
     crf: bool  # the output masks are CRF-refined
     crf_params: CRFParams
+    crf_backend: str  # "pydensecrf" (CPU tasks after the model) or "torch" (inside the model actor)
     table: bool  # evaluation table: confusion matrices for plain, +MS+flip, +CRF
     score: bool  # one confusion matrix for the output masks (evaluate_model)
     overlays: bool
@@ -67,6 +68,10 @@ class InferencePlan:
     @property
     def with_masks(self) -> bool:
         return self.table or self.score
+
+    @property
+    def crf_in_model(self) -> bool:
+        return self.run_crf and self.crf_backend == "torch"
 
 
 def num_classes_of(model) -> int:
@@ -203,6 +208,8 @@ class ModelStage:
         cms = {name: np.zeros((n, plan.num_classes, plan.num_classes), np.int64)
                for name in self._cm_columns()}
         seconds = np.zeros(n)
+        crf_labels: list[np.ndarray | None] = [None] * n
+        crf_seconds = np.zeros(n)
         plain_variant = tuple(plan.scales) == (1.0,) and not plan.flip
         for group in _groups_by_shape(batch):
             start = time.perf_counter()
@@ -214,6 +221,8 @@ class ModelStage:
                 for i in group:
                     _mark_error(batch, i, "model", f"{type(err).__name__}: {err}")
                 continue
+            if plan.crf_in_model:
+                self._refine(batch, group, images, probs, crf_labels, crf_seconds)
             probs_np = probs.float().cpu().numpy()
             label_np = probs_np.argmax(1).astype(np.uint8)
             plain_np = plain.argmax(1).cpu().numpy().astype(np.uint8) if plan.table else None
@@ -221,7 +230,7 @@ class ModelStage:
             for j, i in enumerate(group):
                 labels[i] = label_np[j]
                 seconds[i] = elapsed
-                if plan.run_crf:
+                if plan.run_crf and not plan.crf_in_model:
                     probs_out[i] = probs_np[j].astype(np.float16)  # half the bytes across the object store
                 if plan.with_masks and batch[HAS_GT][i]:
                     if plan.table:
@@ -231,6 +240,12 @@ class ModelStage:
                         cms[CM][i] = _confusion(label_np[j], batch[GT][i], plan.num_classes)
         out = {k: batch[k] for k in (ID, URI, STATUS, ERROR_STAGE, ERROR_REASON, SECONDS_DECODE)}
         out.update({LABEL: _object_array(labels), SECONDS_MODEL: seconds, **cms})
+        if plan.crf_in_model:  # probabilities never leave the device; no CRF stage follows
+            if plan.with_masks:
+                out.update({HAS_GT: batch[HAS_GT], GT: batch[GT]})
+            if plan.overlays:
+                out[IMAGE] = batch[IMAGE]
+            return _with_crf_labels(out, plan, crf_labels, crf_seconds)
         if plan.run_crf or plan.overlays:
             out[IMAGE] = batch[IMAGE]
         if plan.with_masks:
@@ -240,6 +255,26 @@ class ModelStage:
             if plan.with_masks:
                 out[GT] = batch[GT]
         return out
+
+    def _refine(self, batch: dict, group: list[int], images: list[np.ndarray], probs, crf_labels: list,
+                crf_seconds: np.ndarray) -> None:
+        """The torch dense CRF on this actor's device, batched over a group of same-size images."""
+        import torch
+
+        from deeplab_core.crf_torch import dense_crf_torch
+
+        start = time.perf_counter()
+        try:
+            rgb = torch.from_numpy(np.stack(images))
+            refined = dense_crf_torch(rgb, probs.float(), **asdict(self.plan.crf_params))
+            crf_np = refined.argmax(1).to(torch.uint8).cpu().numpy()
+        except Exception as err:  # noqa: BLE001 - e.g. out of memory: these images fail, not the job
+            for i in group:
+                _mark_error(batch, i, "crf", f"{type(err).__name__}: {err}")
+            return
+        elapsed = (time.perf_counter() - start) / len(group)
+        for j, i in enumerate(group):
+            crf_labels[i], crf_seconds[i] = crf_np[j], elapsed
 
     def _cm_columns(self) -> list[str]:
         names = [CM_PLAIN, CM_TTA] if self.plan.table else []
@@ -257,18 +292,13 @@ def _groups_by_shape(batch: dict[str, np.ndarray]) -> list[list[int]]:
 
 
 def crf_stage(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np.ndarray]:
-    """Dense CRF on the model's probabilities; the output label is the CRF's when ``plan.crf``."""
+    """Dense CRF (pydensecrf, one image at a time) on the model's probabilities."""
     from deeplab_core.crf import dense_crf
 
-    n = len(batch[ID])
     batch = _writable_status(dict(batch))
-    labels = list(batch[LABEL])
+    n = len(batch[ID])
+    crf_labels: list[np.ndarray | None] = [None] * n
     seconds = np.zeros(n)
-    cms = {}
-    if plan.table:
-        cms[CM_CRF] = np.zeros((n, plan.num_classes, plan.num_classes), np.int64)
-    if plan.score:
-        cms[CM] = np.zeros((n, plan.num_classes, plan.num_classes), np.int64)
     for i in range(n):
         if batch[STATUS][i] != STATUS_OK:
             continue
@@ -278,8 +308,25 @@ def crf_stage(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np
         except Exception as err:  # noqa: BLE001
             _mark_error(batch, i, "crf", f"{type(err).__name__}: {err}")
             continue
-        crf_label = refined.argmax(0).astype(np.uint8)
+        crf_labels[i] = refined.argmax(0).astype(np.uint8)
         seconds[i] = time.perf_counter() - start
+    return _with_crf_labels(batch, plan, crf_labels, seconds)
+
+
+def _with_crf_labels(batch: dict[str, np.ndarray], plan: InferencePlan, crf_labels: Sequence[np.ndarray | None],
+                     seconds: np.ndarray) -> dict[str, np.ndarray]:
+    """The CRF's output columns, whichever backend refined: the output label is the CRF's when
+    ``plan.crf``; confusion matrices for the table (+CRF) and for scoring."""
+    n = len(batch[ID])
+    labels = list(batch[LABEL])
+    cms = {}
+    if plan.table:
+        cms[CM_CRF] = np.zeros((n, plan.num_classes, plan.num_classes), np.int64)
+    if plan.score:
+        cms[CM] = np.zeros((n, plan.num_classes, plan.num_classes), np.int64)
+    for i, crf_label in enumerate(crf_labels):
+        if crf_label is None or batch[STATUS][i] != STATUS_OK:
+            continue
         if plan.crf:
             labels[i] = crf_label
         if plan.with_masks and batch[HAS_GT][i]:
@@ -305,6 +352,7 @@ class WriteSpec:
     overlays: bool
     overlay_alpha: float
     storage_options: Mapping[str, Any] | None
+    crf_backend: str | None = None  # recorded per image
 
 
 def _png_bytes(label: np.ndarray) -> bytes:
@@ -359,6 +407,7 @@ def write_stage(batch: dict[str, np.ndarray], spec: WriteSpec) -> dict[str, np.n
             "seconds_decode": float(batch[SECONDS_DECODE][i]),
             "seconds_model": float(batch[SECONDS_MODEL][i]) if ok else None,
             "seconds_crf": float(batch[SECONDS_CRF][i]) if ok and spec.crf else None,
+            "crf_backend": spec.crf_backend if ok and spec.crf else None,
             "run_id": spec.run_id, "model_uri": spec.model_uri,
             "finished_at": datetime.now(timezone.utc),
         })

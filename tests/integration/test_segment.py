@@ -149,6 +149,7 @@ def test_first_run_writes_masks_overlays_results_and_errors(first_run, s3_option
     assert good["classes"] == sorted(np.unique(np.asarray(mask)).tolist())
     assert good["seconds_model"] > 0 and good["seconds_crf"] > 0 and good["seconds_decode"] > 0
     assert good["model_uri"] == cfg.model and good["run_id"] == report.run_id
+    assert good["crf_backend"] == "pydensecrf"  # auto on a CPU cluster
     assert rows["corrupt"]["status"] == "error" and rows["corrupt"]["output_uri"] is None
 
     error_rows = []
@@ -182,6 +183,7 @@ def test_eval_prints_the_table_and_logs_to_mlflow(first_run):
     metrics = runs[0].data.metrics
     assert metrics["images_ok"] == NUM_IMAGES and metrics["images_errors"] == 1 + len(UNSAFE_IDS)
     assert metrics["mIoU_msf_crf"] == pytest.approx(report.evaluation["+ dense CRF"]["mIoU"])
+    assert runs[0].data.params["crf_backend"] == "pydensecrf"
     assert {"mIoU_plain", "mIoU_msf"} <= set(metrics)
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"evaluation.md", "summary.json"} <= artifacts
@@ -216,6 +218,12 @@ def test_evaluate_model_agrees_with_the_job_table(first_run, checkpoint, manifes
     assert metrics["num_images"] == NUM_IMAGES and metrics["num_errors"] == 1
     assert metrics["mIoU"] == pytest.approx(report.evaluation["+ dense CRF"]["mIoU"], abs=1e-9)
     assert {"pixel_acc", "mean_acc", "fw_iou", "per_class_iou"} <= set(metrics)
+
+    # The torch CRF inside the model actor (no CRF stage): the same model, so the same score.
+    in_actor = evaluate_model(model, manifest, scales=SCALES, flip=True, crf=True, crf_backend="torch",
+                              crf_params=CRFParams(iterations=3), storage_options=s3_options)
+    assert in_actor["num_images"] == NUM_IMAGES
+    assert in_actor["mIoU"] == pytest.approx(metrics["mIoU"], abs=0.005)
 
 
 # --------------------------------------------------------------------------- resume and watermark
