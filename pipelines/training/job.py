@@ -177,9 +177,14 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     if tracking_uri:
         run_id = start_or_resume_mlflow_run(cfg, tracking_uri, _absolute_storage(cfg.run.storage_path))
     trainer = build_trainer(cfg, train_manifest, val_manifest, tracking_uri, run_id)
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except BaseException:
+        if run_id is not None:  # never leave the MLflow run RUNNING (or FINISHED) after a failure
+            tracking.finish_run(tracking_uri, run_id, "FAILED")
+        raise
     scored = [(ckpt, metrics) for ckpt, metrics in (result.best_checkpoints or []) if "val_mIoU" in metrics]
     best = max(scored, key=lambda cm: cm[1]["val_mIoU"]) if scored else (result.checkpoint, result.metrics)
     version = None

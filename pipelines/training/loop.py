@@ -76,6 +76,32 @@ def restore_training_checkpoint(directory: Path, model: nn.Module, optimizer, sc
     return int(state["iteration"])
 
 
+def _older_checkpoints(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The run's other checkpoints, newest first (their directory names sort by time)."""
+    import pyarrow.fs as pafs
+
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+    older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    return [ray.train.Checkpoint(path, filesystem=checkpoint.filesystem) for path in older]
+
+
+def restore_newest_intact(checkpoint: ray.train.Checkpoint, model: nn.Module, optimizer, scheduler,
+                          max_it: int) -> int:
+    """Restores the latest checkpoint, or - if its files are truncated or corrupt - the newest
+    intact earlier one, naming each bad one; the iteration to continue from."""
+    for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
+        try:
+            with candidate.as_directory() as directory:
+                return restore_training_checkpoint(Path(directory), model, optimizer, scheduler, max_it)
+        except Exception as err:  # noqa: BLE001 - a bad file must not end a resumable run
+            log.warning("[train] checkpoint %s cannot be loaded (%s: %s); trying the one before it",
+                        candidate.path, type(err).__name__, str(err)[:200])
+    raise RuntimeError(f"no checkpoint of this run can be loaded (latest: {checkpoint.path}); remove the "
+                       "broken checkpoint_* directories or start a new run.name")
+
+
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
@@ -139,9 +165,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_it = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            start_it = restore_training_checkpoint(Path(ckpt_dir), model, optimizer, scheduler,
-                                                   cfg.optim.max_iters)
+        start_it = restore_newest_intact(checkpoint, model, optimizer, scheduler, cfg.optim.max_iters)
         _seed_everything(cfg.run.seed + rank + 1_000_003 * start_it)  # fresh but reproducible
         if rank == 0:
             log.info("[train] resumed from iteration %d", start_it)
