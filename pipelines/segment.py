@@ -20,7 +20,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (`ray job submit ... python pipelines/segment.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common.config import ConfigError, flag_labels, load_config  # noqa: E402
+from pipelines.common.cli import add_common_flags, run_main  # noqa: E402
+from pipelines.common.config import flag_labels, load_config  # noqa: E402
 from pipelines.segmentation.config import SegmentConfig  # noqa: E402
 
 # flag -> config field; the defaults and help texts are the config's own.
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", action="store_const", const=True, default=None, help=_help("overlays"))
     p.add_argument("--eval", dest="evaluate", action="store_const", const=True, default=None, help=_help("evaluate"))
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any input ended as an error")
+    add_common_flags(p)
     return p
 
 
@@ -67,16 +69,16 @@ def config_from_args(args: argparse.Namespace) -> SegmentConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as err:
-        parser.error(str(err))
-    from pipelines.segmentation.job import run_segmentation
+    args = build_parser().parse_args(argv)
 
-    report = run_segmentation(cfg)
-    return 1 if args.strict and report.errors else 0
+    def segment() -> int:
+        cfg = config_from_args(args)
+        from pipelines.segmentation.job import run_segmentation
+
+        report = run_segmentation(cfg, verbose=args.verbose)
+        return 1 if args.strict and report.errors else 0
+
+    return run_main("segment.py", segment, debug=args.debug, argv=argv)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,20 @@ for `--help`.
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from pipelines.common.config import flatten
-from pipelines.data.storage import redact
+from pipelines.common.errors import InputError
+from pipelines.data.storage import redact, redact_urls
 
 MODEL_ARTIFACT = "model"
 REGISTRY_SCHEMES = ("models:/", "runs:/")
@@ -44,6 +48,42 @@ def tracking_uri_set(uri: str | None) -> Iterator[None]:
         yield
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def fail_fast_http() -> None:
+    """MLflow's HTTP client retries for minutes by default; the jobs would rather fail in seconds
+    (the caller's own MLFLOW_HTTP_REQUEST_* settings win)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 10.0, must_exist: bool = False) -> None:
+    """Raises one InputError unless the tracking store can be used: an HTTP server that answers
+    its /health endpoint within `timeout_s`, or a sqlite file whose folder exists (and, with
+    `must_exist`, the file: MLflow would silently create an empty database for a mistyped path).
+    Checked before a job does any work, so an unreachable server cannot fail it at the very end."""
+    fail_fast_http()
+    shown = redact_urls(tracking_uri)
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme in ("http", "https"):
+        netloc = parsed.netloc.rsplit("@", 1)[-1]  # the health probe needs no credentials
+        url = f"{parsed.scheme}://{netloc}{parsed.path.rstrip('/')}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - the user's server
+                if response.status == 200:
+                    return
+                reason = f"HTTP {response.status}"
+        except (OSError, ValueError) as err:
+            reason = str(getattr(err, "reason", err)) or type(err).__name__
+        raise InputError(f"MLflow tracking server {shown} is unreachable ({reason}); start it, or point "
+                         "the tracking URI elsewhere")
+    if parsed.scheme == "sqlite":
+        folder = Path(tracking_uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise InputError(f"MLflow database {shown}: folder {folder} does not exist")
+        if must_exist and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+            raise InputError(f"no MLflow database at {shown} (set --tracking-uri or MLFLOW_TRACKING_URI)")
 
 
 def _experiment_id(client, name: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (`ray job submit ... python pipelines/train.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common.errors import EXIT_USAGE, InputError  # noqa: E402
+from pipelines.common.cli import add_common_flags, run_main  # noqa: E402
 from pipelines.training.config import load_train_config  # noqa: E402
 
 
@@ -26,28 +26,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config (see configs/); defaults are the embedded demo")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.max_iters=100")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_common_flags(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_train_config(args.config, args.overrides)
-    except InputError as exc:
-        parser.error(str(exc))
-    from pipelines.training.job import print_config, run_training
+    args = build_parser().parse_args(argv)
 
-    if args.print_config:
-        print_config(cfg)
+    def train() -> int:
+        cfg = load_train_config(args.config, args.overrides)
+        from pipelines.training.job import print_config, run_training
+
+        if args.print_config:
+            print_config(cfg)
+            return 0
+        print(run_training(cfg, verbose=args.verbose).summary_line())
         return 0
-    try:
-        outcome = run_training(cfg)
-    except InputError as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    print(outcome.summary_line())
-    return 0
+
+    return run_main("train.py", train, debug=args.debug, argv=argv)
 
 
 if __name__ == "__main__":

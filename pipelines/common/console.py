@@ -14,6 +14,13 @@ import os
 _RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune")
 
 
+def quiet_mlflow() -> None:
+    """MLflow logs at INFO by default ("Creating initial MLflow database tables...", alembic's
+    migrations); the jobs print what matters themselves. The caller's MLFLOW_LOGGING_LEVEL wins."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def quiet_ray(verbose: bool = False) -> None:
     """Call before building any Ray Data dataset. With `verbose`, Ray keeps its own defaults."""
     if verbose or os.environ.get("DEEPLAB_VERBOSE") == "1":

@@ -16,9 +16,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.common.errors import InputError
 from pipelines.data.storage import (
     absolute_uri,
     get_fs,
+    redact_urls,
     join_uri,
     read_table,
     uri_for,
@@ -33,7 +35,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTENSIONS = (".png",)
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest (or a layout being imported) is malformed; the message says where and how."""
 
 
@@ -49,7 +51,10 @@ def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) ->
     try:
         table = read_table(uri, storage_options, string_columns=MANIFEST_COLUMNS)
     except FileNotFoundError:
-        raise ManifestError(f"manifest {uri} does not exist") from None
+        raise ManifestError(f"manifest {redact_urls(uri)} does not exist") from None
+    except Exception as err:  # noqa: BLE001 - empty file, not parquet/CSV/JSON, bad URI, unknown protocol
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise ManifestError(f"manifest {redact_urls(uri)} cannot be read: {reason}") from None
     return validate_table(table, source=str(uri))
 
 

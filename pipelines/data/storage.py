@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 import fsspec
 import pyarrow as pa
 
+from pipelines.common.errors import InputError
+
 REDACTED = "***"
 
 # Words that make an option name secret-looking, matched against the name's words
@@ -34,7 +36,7 @@ _S3_CREDENTIAL_OPTIONS = {"key", "secret", "token", "anon", "profile", "session"
 _OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "oss"}
 
 
-class StorageError(RuntimeError):
+class StorageError(InputError, RuntimeError):
     """A storage location cannot be used (missing bucket, no access). Never contains secrets."""
 
 
@@ -160,6 +162,15 @@ def _redact_url_password(url: str) -> str:
     if parsed.password:
         return url.replace(f":{parsed.password}@", f":{REDACTED}@", 1)
     return url
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s/@:]*:)(?P<password>[^\s/@]+)@")
+
+
+def redact_urls(text: str) -> str:
+    """`text` with the password of every `scheme://user:password@host` in it replaced by "***"
+    (log lines and error messages quote URIs as given, credentials included)."""
+    return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}{REDACTED}@", str(text))
 
 
 def scrub(text: str, storage_options: Mapping[str, Any] | None) -> str:

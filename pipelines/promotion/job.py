@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field, field_validator
 
 from pipelines.common.config import Section
+from pipelines.tracking import fail_fast_http
 from pipelines.promotion.policy import (
     DEFAULT_ALIAS,
     DEFAULT_METRIC,
@@ -163,9 +164,7 @@ def _check_local_database(tracking_uri: str) -> None:
 
 def run_promotion(cfg: PromoteConfig) -> Decision:
     """Promotion with the command line's network defaults: an unreachable server fails fast."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    fail_fast_http()
     tracking_uri = cfg.resolved_tracking_uri()
     _check_local_database(tracking_uri)
     from mlflow import MlflowClient

@@ -34,6 +34,7 @@ import pyarrow as pa
 from pipelines.data.errors import ErrorRecord, errors_table
 from pipelines.data.manifest import IMAGE_EXTENSIONS, read_manifest
 from pipelines.data.storage import (
+    check_access,
     get_fs,
     is_local,
     join_uri,
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 
 STATE_FILE = "_state.json"
+TEMP_PREFIX = ".tmp-"  # write_atomically's temp files, never inputs
 
 
 RESULTS_DIR, ERRORS_DIR, MASKS_DIR, OVERLAYS_DIR = "results", "errors", "masks", "overlays"
@@ -128,7 +130,8 @@ def write_atomically(uri: str, data: bytes, storage_options: Mapping[str, Any] |
         fs.pipe_file(path, data)
         return
     directory, name = posixpath.split(path)
-    temp = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    # A short temp name: a legal 255-byte file name plus a suffix would not be.
+    temp = posixpath.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
     try:
         with open(temp, "wb") as f:
             f.write(data)
@@ -310,6 +313,11 @@ def _checked(items: Iterable[InputItem], check_ids: bool) -> tuple[list[InputIte
     return kept, errors
 
 
+def _is_temporary(name: str) -> bool:
+    """Our own in-progress temp files (write_atomically); hidden images are inputs like any other."""
+    return name.startswith(TEMP_PREFIX)
+
+
 def list_inputs(
     input_uri: str,
     storage_options: Mapping[str, Any] | None = None,
@@ -331,6 +339,9 @@ def list_inputs(
                                  check_ids)
         return InputListing(items, errors, read=len(rows), watermark=None)
 
+    # A typo must not look like an empty, healthy tick: the bucket (object stores) or the folder
+    # (elsewhere) must exist; an existing empty prefix is a success with nothing to do.
+    check_access(input_uri, storage_options, must_exist=is_local(input_uri))
     fs, root = get_fs(input_uri, storage_options)
     prefix = root.rstrip("/") + "/"
     excluded = get_fs(exclude_prefix, storage_options)[1].rstrip("/") + "/" if exclude_prefix else None
@@ -345,7 +356,7 @@ def list_inputs(
             continue
         relative = path[len(prefix):]
         stem, ext = posixpath.splitext(relative)
-        if ext.lower() not in IMAGE_EXTENSIONS or posixpath.basename(stem).startswith("."):
+        if ext.lower() not in IMAGE_EXTENSIONS or _is_temporary(posixpath.basename(relative)):
             continue
         mtime = modified_time(info)
         if mtime is not None:

@@ -16,14 +16,16 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from pipelines import tracking
 from pipelines.common.ray_session import ensure_ray, use_gpu
-from pipelines.data.storage import absolute_uri, join_uri
+from pipelines.common.errors import InputError
+from pipelines.data.storage import absolute_uri, check_access, join_uri, redact_urls
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     ERRORS_DIR,
@@ -115,10 +117,11 @@ def make_plan(cfg: SegmentConfig, model, meta: Mapping[str, Any], *, table: bool
     )
 
 
-def run_segmentation(cfg: SegmentConfig) -> SegmentReport:
-    """Runs the job; returns (and prints) the report. See the module docstring."""
+def run_segmentation(cfg: SegmentConfig, verbose: bool = False) -> SegmentReport:
+    """Runs the job; returns (and prints) the report. See the module docstring. Raises InputError
+    (before Ray starts) for an input, output, model or tracking server that cannot be used."""
     with tracking.tracking_uri_set(cfg.tracking_uri):
-        return _run(cfg)
+        return _run(cfg, verbose)
 
 
 def _new_run_id() -> str:
@@ -130,15 +133,35 @@ def resolve_model(uri: str) -> str:
     return tracking.resolve_model_uri(uri) if tracking.is_registry_uri(uri) else absolute_uri(uri)
 
 
-def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model_uri: str,
+@contextmanager
+def _model_errors(uri: str) -> Iterator[None]:
+    """Any failure to find or load the model as one InputError naming it (redacted) and why."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - missing, truncated, unknown alias, not a checkpoint
+        reason = redact_urls(" ".join(str(getattr(err, "message", err)).split()))[:300] or type(err).__name__
+        raise InputError(f"cannot load model {redact_urls(uri)}: {reason}") from None
+
+
+def load_checked_model(uri: str, storage_options: Mapping[str, Any] | None,
+                       load: bool = True) -> tuple[str, Any, dict]:
+    """(pinned URI, model, meta); with `load=False` only the URI is checked and pinned."""
+    from pipelines.common.checkpoints import load_model
+
+    with _model_errors(uri):
+        model_uri = resolve_model(uri)
+        model, meta = load_model(model_uri, storage_options=storage_options) if load else (None, {})
+    return model_uri, model, meta
+
+
+def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping[str, Any], model_uri: str,
              write: WriteSpec) -> tuple[Tally, dict | None, str | None, str | None]:
     """Runs the stages over `todo`: the tally, the evaluation (metrics, table) with --eval, and
     the CRF backend that ran."""
     import ray
 
-    from pipelines.common.checkpoints import load_model
-
-    model, meta = load_model(model_uri, storage_options=cfg.storage_options)
     evaluate = cfg.evaluate and any(item.mask_uri for item in todo)
     if cfg.evaluate and not evaluate:
         print("[segment] --eval: no ground-truth masks among the inputs (use a manifest with "
@@ -165,13 +188,16 @@ def _newest(*times: datetime | None) -> datetime | None:
     return max(present) if present else None
 
 
-def _run(cfg: SegmentConfig) -> SegmentReport:
+def _run(cfg: SegmentConfig, verbose: bool) -> SegmentReport:
     started = time.monotonic()
     cfg = cfg.model_copy(update={"input": absolute_uri(cfg.input),
                                  "output": absolute_uri(cfg.output).rstrip("/")})
     options = cfg.storage_options
-    ensure_ray()
     run_id = _new_run_id()
+    # Everything that can make the whole run pointless is checked before Ray starts.
+    if cfg.tracking_uri:
+        tracking.check_reachable(cfg.tracking_uri, must_exist=tracking.is_registry_uri(cfg.model))
+    check_access(cfg.output, options)
 
     state = read_state(cfg.output, options)
     since = _since(cfg, state)
@@ -179,18 +205,21 @@ def _run(cfg: SegmentConfig) -> SegmentReport:
     done = finished_ids(cfg.output, options)
     todo = [item for item in listing.items if item.id not in done]
     skipped = len(listing.items) - len(todo)
-    print(f"[segment] run {run_id}: {listing.read} input(s) from {cfg.input}"
+    print(f"[segment] run {run_id}: {listing.read} input(s) from {redact_urls(cfg.input)}"
           + (f" modified since {since.isoformat()}" if since else "")
           + f"; {skipped} already done, {len(listing.errors)} unusable id(s), {len(todo)} to segment",
           flush=True)
 
-    model_uri = resolve_model(cfg.model)
+    model_uri, model, meta = load_checked_model(cfg.model, options, load=bool(todo))
     write = WriteSpec(cfg.output, run_id, model_uri, cfg.crf, cfg.overlays, cfg.overlay_alpha, options)
     if listing.errors:
         rows = [error_row(e, run_id, model_uri) for e in listing.errors]
         write_parts(cfg.output, run_id, rows, listing.errors, options)
-    tally, evaluation, table, crf_backend = (_segment(cfg, todo, model_uri, write) if todo
-                                             else (Tally(), None, None, None))
+    if todo:
+        ensure_ray(verbose=verbose)
+        tally, evaluation, table, crf_backend = _segment(cfg, todo, model, meta, model_uri, write)
+    else:
+        tally, evaluation, table, crf_backend = Tally(), None, None, None
 
     previous = parse_time(state["watermark"]) if state.get("watermark") else None
     watermark = _newest(listing.watermark, previous)
@@ -212,7 +241,7 @@ def _run(cfg: SegmentConfig) -> SegmentReport:
               flush=True)
     if table:
         print("\n" + table + "\n", flush=True)
-    if cfg.tracking_uri:
+    if cfg.tracking_uri and (todo or listing.errors):  # a tick with nothing to do leaves no MLflow run
         print(f"[segment] logged to MLflow run {log_run(cfg, report)}", flush=True)
     return report
 

@@ -166,11 +166,13 @@ def _register(cfg: TrainConfig, run_id: str, tracking_uri: str, checkpoint: ray.
     return version
 
 
-def run_training(cfg: TrainConfig) -> TrainOutcome:
+def run_training(cfg: TrainConfig, verbose: bool = False) -> TrainOutcome:
+    if cfg.tracking.tracking_uri:
+        tracking.check_reachable(absolute_tracking_uri(cfg.tracking.tracking_uri))
     options = resolve_storage_options(cfg.run.storage_path, cfg.data.storage_options)
     if check_resume(cfg, join_uri(_absolute_storage(cfg.run.storage_path), cfg.run.name), options):
         print(f"[train] resuming run {cfg.run.name!r} (same model and data config)", flush=True)
-    ensure_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    ensure_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, verbose=verbose)
     train_manifest, val_manifest = prepare_manifests(cfg)
     tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.tracking_uri else None
     run_id = None

@@ -63,7 +63,8 @@ def test_write_atomically_never_leaves_a_partial_file(tmp_path, monkeypatch):
 def test_list_inputs_from_a_prefix(tmp_path):
     root = tmp_path / "incoming"
     (root / "cam1").mkdir(parents=True)
-    for rel in ("a.jpg", "cam1/b.PNG", "dup.jpg", "dup.png", "notes.txt", ".hidden.jpg", "out/masks/x.png"):
+    for rel in ("a.jpg", "cam1/b.PNG", "dup.jpg", "dup.png", "notes.txt", ".hidden.jpg", ".tmp-0123abcd",
+                "out/masks/x.png"):
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
@@ -71,13 +72,23 @@ def test_list_inputs_from_a_prefix(tmp_path):
     os.utime(root / "a.jpg", (old, old))
 
     listing = list_inputs(str(root), exclude_prefix=str(root / "out"))
-    assert [i.id for i in listing.items] == ["a", "cam1/b", "dup"]
+    # A hidden image is an input like any other (never a silent drop); our temp files are not.
+    assert [i.id for i in listing.items] == [".hidden", "a", "cam1/b", "dup"]
     assert [(e.id, e.stage) for e in listing.errors] == [("dup", "id")]
-    assert listing.read == 4 and listing.watermark > datetime(2025, 1, 1, tzinfo=timezone.utc)
+    assert listing.read == 5 and listing.watermark > datetime(2025, 1, 1, tzinfo=timezone.utc)
 
     recent = list_inputs(str(root), since=datetime(2025, 1, 1, tzinfo=timezone.utc),
                          exclude_prefix=str(root / "out"))
-    assert [i.id for i in recent.items] == ["cam1/b", "dup"] and recent.read == 3
+    assert [i.id for i in recent.items] == [".hidden", "cam1/b", "dup"] and recent.read == 4
+
+
+def test_a_missing_input_folder_is_an_input_error_and_an_empty_one_is_not(tmp_path):
+    from pipelines.common.errors import InputError
+
+    with pytest.raises(InputError, match="does not exist"):
+        list_inputs(str(tmp_path / "typo"))
+    (tmp_path / "empty").mkdir()
+    assert list_inputs(str(tmp_path / "empty")).read == 0
 
 
 def test_since_is_rejected_for_manifests(tmp_path):

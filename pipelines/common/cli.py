@@ -1,0 +1,58 @@
+"""How every entry script ends: one line on stderr for a failure, the traceback only with --debug.
+
+Exit codes: 0 success, 2 a whole-input or usage error (`InputError`: the message names the file or
+URI and what to do), 1 anything else. URIs in messages have their passwords redacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from pipelines.common.console import quiet_mlflow
+from pipelines.common.errors import EXIT_USAGE, InputError
+from pipelines.data.storage import redact_urls
+
+EXIT_FAILED = 1
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--verbose", action="store_true", help="keep Ray's own start-up, plan and progress output")
+
+
+_USERINFO = re.compile(r"://(?P<user>[^\s/@:]*):(?P<password>[^\s/@]+)@")
+
+
+def url_passwords(argv: Sequence[str]) -> list[str]:
+    """Passwords written into URIs on the command line (`s3://KEY:SECRET@bucket/...`): libraries
+    quote such URIs in their own words (e.g. 'Invalid bucket name "KEY:SECRET@bucket"')."""
+    return [m.group("password") for arg in argv for m in _USERINFO.finditer(arg)]
+
+
+def _scrubbed(text: str, secrets: Sequence[str]) -> str:
+    text = redact_urls(str(text))
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def run_main(prog: str, body: Callable[[], int], debug: bool = False, argv: Sequence[str] | None = None) -> int:
+    """`body()`'s exit code, or the exit code of its failure after printing it as one line (the
+    scrubbed traceback with `debug`)."""
+    secrets = url_passwords(sys.argv[1:] if argv is None else argv)
+    quiet_mlflow()
+    try:
+        return body()
+    except Exception as err:  # noqa: BLE001 - the top of the job: report, don't dump
+        if debug:
+            print(_scrubbed(traceback.format_exc(), secrets), file=sys.stderr, end="")
+        else:
+            what = "" if isinstance(err, InputError) else f"{type(err).__name__}: "
+            hint = "" if isinstance(err, InputError) else " (--debug shows the traceback)"
+            message = _scrubbed(" ".join(str(err).split()), secrets)[:500]
+            print(f"{prog}: error: {what}{message}{hint}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(err, InputError) else EXIT_FAILED
