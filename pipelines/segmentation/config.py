@@ -8,10 +8,15 @@ from pydantic import ConfigDict, Field, field_validator
 
 from deeplab_core.constants import DEFAULT_SCALES, CRFParams
 from pipelines.common.config import Section
-from pipelines.data.decode import DEFAULT_MAX_PIXELS
 from pipelines.segmentation.io import parse_time
 
 DEFAULT_EXPERIMENT = "deeplab-segmentation"
+# Memory budget of one model actor. A scaled image above DEFAULT_TILE_PIXELS (a Cityscapes frame at
+# scale 1) runs as overlapping tiles, so activations stay those of one such forward; the images
+# themselves are capped at 4096 x 4096: at 21 classes their full-resolution probabilities alone are
+# 1.4 GB in float32 (a 7000 x 7000 PNG of 6 KB took a worker past 8 GB before this cap).
+DEFAULT_TILE_PIXELS = 2048 * 1024
+DEFAULT_MAX_INPUT_PIXELS = 4096 * 4096
 
 
 class SegmentConfig(Section):
@@ -26,8 +31,8 @@ class SegmentConfig(Section):
     scales: tuple[float, ...] = Field(DEFAULT_SCALES, min_length=1, description="test-time scales")
     flip: bool = Field(True, description="horizontal-flip averaging")
     fusion: Literal["mean", "max"] = Field("mean", description="how scales are fused: mean (v3/v3+) or max (v2 MSC)")
-    max_pixels: int | None = Field(None, gt=0, description="memory budget: largest scaled image run whole; "
-                                                           "bigger ones are tiled")
+    max_pixels: int | None = Field(DEFAULT_TILE_PIXELS, gt=0, description="memory budget: largest scaled "
+                                   "image run whole (pixels); bigger ones are tiled")
     crf: bool = Field(True, description="dense CRF")
     crf_params: CRFParams = Field(default_factory=CRFParams)
     crf_backend: Literal["auto", "pydensecrf", "torch"] = Field(
@@ -48,7 +53,8 @@ class SegmentConfig(Section):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (for models:/ and runs:/ URIs, "
                                                        "and to log the run)")
     experiment: str = Field(DEFAULT_EXPERIMENT, description="MLflow experiment for the run")
-    max_input_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="decompression-bomb guard for decoding")
+    max_input_pixels: int = Field(DEFAULT_MAX_INPUT_PIXELS, gt=0, description="largest image accepted "
+                                  "(pixels); bigger ones become error records, not a worker's death")
     storage_options: dict[str, Any] | None = None  # merged over the AWS_* env options
     progress_every_s: float = Field(10.0, gt=0)
 

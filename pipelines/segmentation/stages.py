@@ -197,8 +197,10 @@ class ModelStage:
         from deeplab_core.tta import predict_probs
 
         batch = torch.stack([normalize(img, self.plan.mean, self.plan.std) for img in images])
+        # Scoring (evaluate_model: promotion, registered metrics) runs in float32 like training's
+        # validation, so the numbers compared are the same computation; masks may use bf16 on GPU.
         return predict_probs(self.model, batch, scales=scales, flip=flip, fusion=self.plan.fusion,
-                             max_pixels=self.plan.max_pixels)
+                             max_pixels=self.plan.max_pixels, autocast=False if self.plan.score else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         plan, n = self.plan, len(batch[ID])

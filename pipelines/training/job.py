@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from pipelines.common.checkpoints import MODEL_FILE
 from pipelines.common.errors import InputError
 from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.data import streams
-from pipelines.data.storage import is_local, join_uri, pyarrow_filesystem, redact, resolve_storage_options
+from pipelines.data.storage import absolute_uri, is_local, join_uri, pyarrow_filesystem, redact, resolve_storage_options
 from pipelines.training.config import TrainConfig
 from pipelines.training.loop import train_loop_per_worker
 from pipelines.training.resume import check_resume
@@ -82,13 +83,21 @@ def prepare_manifests(cfg: TrainConfig) -> tuple[str, str]:
         train_manifest, val_manifest = cfg.data.train_manifest, cfg.data.val_manifest
     clean = []
     for split, manifest in (("train", train_manifest), ("val", val_manifest)):
-        out_dir = cfg.data.root.rstrip("/") + f"/validated/{cfg.run.name}/{split}"
+        out_dir = validated_dir(cfg, split, manifest)
         clean_uri, summary = streams.validate_manifest(manifest, out_dir, cfg.model.num_classes,
                                                       storage_options=options, max_pixels=cfg.data.max_pixels)
         print(f"[data] {split}: {summary}", flush=True)
         check_enough_rows(cfg, split, manifest, summary.ok, f"{out_dir}/errors.parquet")
         clean.append(clean_uri)
     return clean[0], clean[1]
+
+
+def validated_dir(cfg: TrainConfig, split: str, manifest: str) -> str:
+    """Where the clean manifest of `manifest` goes: named by what defines it (the source manifest,
+    classes, pixel cap), not by the run, so every run on the same data validates into - and tags
+    its model versions with - the same canonical manifest that promotion compares on."""
+    key = f"{absolute_uri(manifest)}|{cfg.model.num_classes}|{cfg.data.max_pixels}"
+    return cfg.data.root.rstrip("/") + f"/validated/{split}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
 def check_enough_rows(cfg: TrainConfig, split: str, manifest: str, usable: int, errors_uri: str) -> None:
