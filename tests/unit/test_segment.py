@@ -4,12 +4,15 @@ listing.
 
 from __future__ import annotations
 
+import io
 import os
 from datetime import datetime, timezone
 
 import pytest
+from PIL import Image
 
 from deeplab_core.constants import DEFAULT_SCALES
+from pipelines.data.decode import BadInput, decode_image
 from pipelines.data.manifest import write_manifest
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
@@ -105,3 +108,16 @@ def test_since_is_rejected_for_manifests(tmp_path):
 # --------------------------------------------------------------------------- resume and watermark
 
 
+
+
+def test_a_tiny_file_with_a_huge_image_is_refused_by_the_default_budget():
+    """A 7000 x 7000 1-bit PNG is a few KB; decoded and run through six scales it took a worker
+    past 8 GB. The batch job's default cap refuses it from its header, before any decoding."""
+    buffer = io.BytesIO()
+    Image.new("1", (7000, 7000)).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) < 20_000
+    cfg = SegmentConfig(model="m", input="i", output="o")
+    with pytest.raises(BadInput) as info:
+        decode_image(buffer.getvalue(), cfg.max_input_pixels)
+    assert info.value.stage == "image" and "exceeds" in info.value.reason
+    assert cfg.max_pixels == 2048 * 1024  # and whatever passes is tiled above a Cityscapes frame
