@@ -112,11 +112,30 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, identi
                                   order_by=["attributes.start_time DESC"])
     if existing:
         return existing[0].info.run_id, True
-    run = client.create_run(experiment_id, run_name=run_name, tags=dict(identity))
+    from mlflow.tracking.context.registry import resolve_tags
+
+    # resolve_tags adds what mlflow.start_run records: source file, git commit, user.
+    run = client.create_run(experiment_id, run_name=run_name, tags=resolve_tags(dict(identity)))
     items = [Param(k, v) for k, v in _param_strings(params).items()]
     for start in range(0, len(items), 100):  # MLflow's batch limit is 100 params
         client.log_batch(run.info.run_id, params=items[start:start + 100], synchronous=True)
     return run.info.run_id, False
+
+
+def log_dataset_inputs(tracking_uri: str, run_id: str, manifests: Mapping[str, str]) -> None:
+    """The run's manifests as MLflow dataset inputs (`{context: uri}`, e.g. training/validation),
+    so the run page lists what it trained and validated on. Recorded by reference: the source URI
+    (password redacted) and a digest of it, never the rows."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for context, uri in manifests.items():
+        dataset = MetaDataset(resolve_dataset_source(redact_urls(uri)), name=f"{context} manifest")
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    mlflow.MlflowClient(tracking_uri).log_inputs(run_id, datasets=inputs)
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
@@ -153,6 +172,16 @@ class RunLogger:
 # --------------------------------------------------------------------------- models
 
 
+def _image_signature():
+    """uint8 N x H x W x 3 RGB images in, uint8 N x H x W class indices out (any size)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
+                          outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "labels")]))
+
+
 def registered_version_of_run(tracking_uri: str, name: str, run_id: str, iteration: str) -> str | None:
     """The version of `name` already registered from `run_id` at `iteration` (re-runs are idempotent)."""
     import mlflow
@@ -177,6 +206,7 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, regis
         mlflow.log_metrics({f"best_{k}": v for k, v in best_metrics.items()})
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
+            signature=_image_signature(),
             python_model=str(_REPO_ROOT / "pipelines" / "common" / "pyfunc_model.py"),
             artifacts={"checkpoint": str(model_file)},
             code_paths=[str(_REPO_ROOT / "deeplab_core"), str(_REPO_ROOT / "pipelines")],

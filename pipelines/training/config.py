@@ -51,6 +51,9 @@ class DataSection(Section):
     train_manifest: str | None = None
     val_manifest: str | None = None
     synthetic: SyntheticSection | None = Field(default_factory=SyntheticSection)
+    # Names for metrics, the confusion matrix and overlay legends; None: the synthetic scenes'
+    # names, VOC's for 21 classes, Cityscapes' for 19, else class_0, class_1, ...
+    class_names: list[str] | None = None
     crop_size: int = Field(513, gt=0)
     scale_min: float = Field(0.5, gt=0)
     scale_max: float = Field(1.5, gt=0)
@@ -132,10 +135,26 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _check_batch(self) -> "TrainConfig":
         per_step = self.scaling.num_workers * self.optim.grad_accum
+        if self.data.class_names is not None and len(self.data.class_names) != self.model.num_classes:
+            raise ValueError(f"data.class_names has {len(self.data.class_names)} names for "
+                             f"model.num_classes={self.model.num_classes}")
         if self.optim.batch_size % per_step:
             raise ValueError(f"optim.batch_size {self.optim.batch_size} must be divisible by "
                              f"num_workers x grad_accum = {per_step}")
         return self
+
+    @property
+    def class_names(self) -> list[str]:
+        from deeplab_core.datasets import CITYSCAPES_CLASSES, VOC_CLASSES
+        from deeplab_core.synthetic import CLASS_NAMES
+
+        n = self.model.num_classes
+        if self.data.class_names is not None:
+            return list(self.data.class_names)
+        if self.data.train_manifest is None and n <= len(CLASS_NAMES):
+            return list(CLASS_NAMES[:n])
+        known = {len(VOC_CLASSES): VOC_CLASSES, len(CITYSCAPES_CLASSES): CITYSCAPES_CLASSES}
+        return list(known.get(n, [f"class_{i}" for i in range(n)]))
 
     @property
     def per_worker_batch(self) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 
 def confusion_matrix_figure(cm: np.ndarray, path: Path, class_names: list[str] | None = None) -> Path:
@@ -35,13 +34,35 @@ def confusion_matrix_figure(cm: np.ndarray, path: Path, class_names: list[str] |
     return path
 
 
-def overlay_grid(examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path) -> Path:
-    """One row per example: image | prediction overlay | ground-truth overlay."""
-    from deeplab_core.palette import overlay
+def overlay_grid(examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path,
+                 class_names: list[str] | None = None) -> Path:
+    """One row per example: image | prediction overlay | ground-truth overlay, under column
+    headers, with a legend of the classes' colours."""
+    import matplotlib
 
-    rows = [np.concatenate([image, overlay(image, pred), overlay(image, gt)], axis=1)
-            for image, pred, gt in examples]
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path, quality=90)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from deeplab_core.palette import overlay, voc_palette
+
+    columns = ("image", "prediction", "ground truth")
+    fig, axes = plt.subplots(len(examples), 3, figsize=(9, 2.6 * len(examples) + 0.8), squeeze=False)
+    present: set[int] = set()
+    for row, (image, pred, gt) in zip(axes, examples):
+        present |= set(np.unique(pred).tolist()) | set(np.unique(gt).tolist())
+        for ax, picture in zip(row, (image, overlay(image, pred), overlay(image, gt))):
+            ax.imshow(picture)
+            ax.set_axis_off()
+    for ax, title in zip(axes[0], columns):
+        ax.set_title(title)
+    palette = np.asarray(voc_palette(), dtype=np.float64).reshape(-1, 3) / 255
+    labels = sorted(c for c in present if c != 255)
+    names = class_names or [str(c) for c in range(max(labels, default=0) + 1)]
+    handles = [Patch(color=palette[c], label=names[c] if c < len(names) else str(c)) for c in labels]
+    handles.append(Patch(color=palette[255], label="ignore (255)"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
     return path

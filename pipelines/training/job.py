@@ -113,12 +113,15 @@ def check_enough_rows(cfg: TrainConfig, split: str, manifest: str, usable: int, 
                          f"(bad rows are listed in {errors_uri})")
 
 
-def start_or_resume_mlflow_run(cfg: TrainConfig, tracking_uri: str, storage_path: str) -> str:
+def start_or_resume_mlflow_run(cfg: TrainConfig, tracking_uri: str, storage_path: str,
+                               manifests: dict[str, str]) -> str:
     """One MLflow run per (run name, storage path): a re-run keeps logging into the same run."""
     run_id, resumed = tracking.find_or_create_run(
         tracking_uri, cfg.tracking.experiment, cfg.run.name,
         identity={RUN_NAME_TAG: cfg.run.name, STORAGE_TAG: storage_path},
         params=cfg.model_dump(mode="json"))
+    if not resumed:
+        tracking.log_dataset_inputs(tracking_uri, run_id, manifests)
     what = "resuming run" if resumed else "run"
     print(f"[mlflow] {what} {run_id} in experiment {cfg.tracking.experiment!r}", flush=True)
     return run_id
@@ -186,7 +189,8 @@ def run_training(cfg: TrainConfig, verbose: bool = False) -> TrainOutcome:
     tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.tracking_uri else None
     run_id = None
     if tracking_uri:
-        run_id = start_or_resume_mlflow_run(cfg, tracking_uri, _absolute_storage(cfg.run.storage_path))
+        run_id = start_or_resume_mlflow_run(cfg, tracking_uri, _absolute_storage(cfg.run.storage_path),
+                                            {"training": train_manifest, "validation": val_manifest})
     trainer = build_trainer(cfg, train_manifest, val_manifest, tracking_uri, run_id)
     try:
         result = trainer.fit()

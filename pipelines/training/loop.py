@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import tempfile
 import time
 from contextlib import nullcontext
@@ -129,18 +130,19 @@ def evaluate_shard(model: nn.Module, shard, cfg: TrainConfig, device: torch.devi
     return _all_reduce(cm).numpy(), examples
 
 
-def _log_validation_artifacts(tracker: RunLogger, cm: np.ndarray, examples: list, iteration: int) -> None:
+def _log_validation_artifacts(tracker: RunLogger, cm: np.ndarray, examples: list, iteration: int,
+                              class_names: list[str]) -> None:
     if not tracker.enabled:
         return
     from pipelines.training.figures import confusion_matrix_figure, overlay_grid
 
     with tempfile.TemporaryDirectory() as tmp:
         cm_path = Path(tmp) / f"confusion_matrix_it{iteration:06d}.png"
-        confusion_matrix_figure(cm, cm_path)
+        confusion_matrix_figure(cm, cm_path, class_names)
         tracker.artifact(cm_path, "validation")
         if examples:
             grid_path = Path(tmp) / f"overlays_it{iteration:06d}.jpg"
-            overlay_grid(examples, grid_path)
+            overlay_grid(examples, grid_path, class_names)
             tracker.artifact(grid_path, "validation")
 
 
@@ -184,7 +186,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model.train()
     if start_it >= max_it:  # finished before: report the final state again so the run has a result
         _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg, device, tracker,
-                                 it, start_it, rank, final=True)
+                                 it, start_it, rank)
     while it < max_it:
         batches = train_shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, device=device,
                                                  dtypes={"image": torch.float32, "mask": torch.int64})
@@ -209,7 +211,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            lr = optimizer.param_groups[0]["lr"]
+            lrs = [group["lr"] for group in optimizer.param_groups]  # backbone, head (x head_lr_mult)
+            lr = lrs[0]
             scheduler.step()
             it += 1
             window["steps"] += 1
@@ -219,7 +222,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 stats = _all_reduce(stats) / world
                 elapsed = stats[1].item() + stats[2].item()
                 images_per_s = window["steps"] * cfg.optim.batch_size / max(elapsed, 1e-9)
-                values = {"loss": stats[0].item(), "lr": lr, "images_per_s": images_per_s,
+                values = {"loss": stats[0].item(), "lr": lr, "lr_head": lrs[-1], "images_per_s": images_per_s,
                           "data_wait_s": stats[1].item() / window["steps"]}
                 tracker.metrics(values, it)
                 if rank == 0:
@@ -228,7 +231,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 window = {"loss": 0.0, "steps": 0, "data_s": 0.0, "step_s": 0.0}
             if it % cfg.run.val_every == 0 or it == max_it:
                 _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg, device, tracker,
-                                         it, start_it, rank, final=it == max_it)
+                                         it, start_it, rank)
             if it >= max_it:
                 break
             t_data = time.perf_counter()
@@ -247,17 +250,22 @@ def _sync_buffers(model: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def metric_name(class_name: str) -> str:
+    """A class name as MLflow accepts it in a metric key (letters, digits, _ - . / and space)."""
+    return re.sub(r"[^\w\-./ ]", "_", class_name).strip() or "unnamed"
+
+
 def _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg: TrainConfig, device, tracker: RunLogger,
-                             it: int, start_it: int, rank: int, final: bool) -> None:
+                             it: int, start_it: int, rank: int) -> None:
     _sync_buffers(model)
     cm, examples = evaluate_shard(model, val_shard, cfg, device,
-                                  keep_examples=cfg.run.num_overlays if rank == 0 and final else 0)
+                                  keep_examples=cfg.run.num_overlays if rank == 0 else 0)
     scores = segmentation_metrics(cm)
     val = {f"val_{k}": v for k, v in scores.items() if k != "per_class_iou"}
-    per_class = {f"val_iou_class_{i}": v for i, v in enumerate(scores["per_class_iou"]) if v is not None}
+    per_class = {f"val_iou_{metric_name(name)}": v
+                 for name, v in zip(cfg.class_names, scores["per_class_iou"]) if v is not None}
     tracker.metrics({**val, **per_class}, it)
-    if final:
-        _log_validation_artifacts(tracker, cm, examples, it)
+    _log_validation_artifacts(tracker, cm, examples, it, cfg.class_names)
     if rank == 0:
         log.info(f"[val] it {it} mIoU {val['val_mIoU']:.4f} pixel-acc {val['val_pixel_acc']:.4f}")
     metrics = {**val, "iteration": it, "start_iteration": start_it}
@@ -265,6 +273,7 @@ def _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg: TrainC
         ckpt = None
         if rank == 0:
             meta = {"iteration": it, "val": val, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+                    "class_names": cfg.class_names,
                     "num_classes": cfg.model.num_classes}
             save_training_checkpoint(Path(tmp), model, optimizer, scheduler, it, meta)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
