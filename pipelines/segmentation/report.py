@@ -57,16 +57,27 @@ class Tally:
 
 
 def consume(ds, total: int, every_s: float, label: str = "segment") -> Tally:
+    """Sums the stream's per-image summaries. Progress: a tqdm bar on a terminal, else a line
+    every `every_s` seconds; counts are images whose results are written (the pipeline's end)."""
+    import sys
+
+    from tqdm import tqdm
+
     tally = Tally()
     start = last = time.monotonic()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        tally.add(batch)
-        now = time.monotonic()
-        if now - last >= every_s:
-            last = now
-            rate = tally.done / max(now - start, 1e-9)
-            print(f"[{label}] {tally.done}/{total} images (ok {tally.ok}, errors {tally.errors}), "
-                  f"{rate:.2f} images/s", flush=True)
+    with tqdm(total=total, desc=f"[{label}]", unit="img", disable=not sys.stderr.isatty()) as bar:
+        # prefetch_batches=0: results are counted as they finish, not a prefetch window later.
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            before = tally.done
+            tally.add(batch)
+            bar.update(tally.done - before)
+            bar.set_postfix(ok=tally.ok, errors=tally.errors, refresh=False)
+            now = time.monotonic()
+            if bar.disable and now - last >= every_s:
+                last = now
+                rate = tally.done / max(now - start, 1e-9)
+                print(f"[{label}] {tally.done}/{total} images (ok {tally.ok}, errors {tally.errors}), "
+                      f"{rate:.2f} images/s", flush=True)
     return tally
 
 
