@@ -22,6 +22,9 @@ def ensure_ray(reserved_cpus: int = 0, verbose: bool = False) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
+        # A local cluster cannot be preempted; Train's preemption watcher only logs an E-level
+        # "actor constructor failed" line there.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(num_cpus=max(os.cpu_count() or 1, reserved_cpus + 2), logging_level="WARNING")
 
 

@@ -128,7 +128,7 @@ def start_or_resume_mlflow_run(cfg: TrainConfig, tracking_uri: str, storage_path
 
 
 def build_trainer(cfg: TrainConfig, train_manifest: str, val_manifest: str, tracking_uri: str | None,
-                  run_id: str | None) -> TorchTrainer:
+                  run_id: str | None, verbose: bool = False) -> TorchTrainer:
     options = resolve_storage_options(cfg.data.root, cfg.data.storage_options)
     transform = TrainTransform(crop_size=cfg.data.crop_size, scale_range=(cfg.data.scale_min, cfg.data.scale_max),
                                flip_prob=cfg.data.flip_prob, mean=cfg.data.mean, std=cfg.data.std)
@@ -151,6 +151,8 @@ def build_trainer(cfg: TrainConfig, train_manifest: str, val_manifest: str, trac
                                                          checkpoint_score_attribute="val_mIoU",
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            # Train's own "Requesting resources / Started worker group" lines only with --verbose.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
@@ -191,7 +193,7 @@ def run_training(cfg: TrainConfig, verbose: bool = False) -> TrainOutcome:
     if tracking_uri:
         run_id = start_or_resume_mlflow_run(cfg, tracking_uri, _absolute_storage(cfg.run.storage_path),
                                             {"training": train_manifest, "validation": val_manifest})
-    trainer = build_trainer(cfg, train_manifest, val_manifest, tracking_uri, run_id)
+    trainer = build_trainer(cfg, train_manifest, val_manifest, tracking_uri, run_id, verbose)
     try:
         result = trainer.fit()
         if result.error is not None:
