@@ -12,6 +12,7 @@ import io
 import os
 import posixpath
 import re
+import uuid
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
@@ -134,6 +135,26 @@ def make_parent_dirs(fs, path: str, uri: str) -> None:
     parent = posixpath.dirname(path)
     if parent and protocol_of(uri) not in _OBJECT_STORE_PROTOCOLS:
         fs.makedirs(parent, exist_ok=True)
+
+
+def write_atomically(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Readers see the whole file or none of it: one PUT on object stores (objects appear whole);
+    elsewhere a hidden temp file in the same directory renamed over the target. (The same
+    contract as pipelines/segmentation/io.py's, which predates this one.)"""
+    fs, path = get_fs(uri, storage_options)
+    make_parent_dirs(fs, path, uri)
+    if not is_local(uri):
+        fs.pipe_file(path, data)
+        return
+    directory, name = posixpath.split(path)
+    temp = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
 
 
 def redact(obj: Any) -> Any:
