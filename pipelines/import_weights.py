@@ -26,7 +26,12 @@ if __package__ in (None, ""):  # run as a file (`ray job submit ... python pipel
 
 from pipelines.common.config import ConfigError, flag_labels, load_config  # noqa: E402
 from pipelines.common.errors import EXIT_USAGE, InputError  # noqa: E402
-from pipelines.promotion.importing import IMPORTERS, ImportWeightsConfig, flag, import_weights  # noqa: E402
+from pipelines.promotion.importing import (  # noqa: E402
+    IMPORTERS,
+    ImportWeightsConfig,
+    flag,
+    import_weights,
+)
 
 # config field -> (flag, metavar); defaults and help texts are the config's own.
 FLAGS = {"arch": ("--arch", "ARCH"), "backbone": ("--backbone", "BACKBONE"),

@@ -112,7 +112,8 @@ IMPORTERS: dict[str, Importer] = {
 }
 # deeplab_core.loading.identify names the converter to use; which CLI kind that is.
 _KIND_OF_CONVERTER = {"from_torchvision": "torchvision", "from_vainf": "vainf", "from_kazuto": "kazuto"}
-# The converters name a source given as a mapping (as we pass it: read once, for the digest) so.
+# How the converters name a source passed as a mapping (we pass one: the file is read once, for the
+# digest too); messages name the URI instead.
 _MAPPING_ORIGIN = "the given mapping"
 
 
@@ -258,9 +259,13 @@ def write_output(model_file: Path, output: str, storage_options: Mapping[str, An
 def evaluate(model_file: Path, manifest: str, storage_options: Mapping[str, Any] | None) -> dict[str, float]:
     """Plain single-scale inference on the manifest's masked rows, as training's validation and
     promotion measure it; `val_<metric>` keys."""
-    from pipelines.segmentation.evaluation import evaluate_model  # Ray, only when asked for
+    # Ray, only when asked for.
+    from pipelines.segmentation.evaluation import evaluate_model
 
-    metrics = evaluate_model(str(model_file), manifest, storage_options=storage_options)
+    try:
+        metrics = evaluate_model(str(model_file), manifest, storage_options=storage_options)
+    except ValueError as err:  # a malformed manifest, no row with a mask
+        raise InputError(f"--eval {shown_uri(manifest)}: {err}") from None
     return {f"val_{name}": float(metrics[name]) for name in EVAL_METRICS}
 
 
@@ -302,13 +307,13 @@ def import_weights(cfg: ImportWeightsConfig) -> ImportResult:
     manifest = absolute_uri(cfg.eval_manifest) if cfg.eval_manifest else None
     with tempfile.TemporaryDirectory(prefix="import-weights-") as tmp:
         model_file = save_checkpoint_dir(model, tmp, meta) / MODEL_FILE
-        if cfg.output is not None:
-            output = write_output(model_file, cfg.output, cfg.storage_options)
-            _log(f"wrote {shown_uri(join_uri(output, MODEL_FILE))}")
-        if manifest is not None:
+        if manifest is not None:  # first: a manifest it cannot be scored on leaves nothing written
             _log(f"evaluating on {shown_uri(manifest)}")
             metrics = evaluate(model_file, manifest, cfg.storage_options)
             _log(f"val mIoU {metrics['val_mIoU']:.4f}")
+        if cfg.output is not None:
+            output = write_output(model_file, cfg.output, cfg.storage_options)
+            _log(f"wrote {shown_uri(join_uri(output, MODEL_FILE))}")
         if cfg.registered_model is not None:
             run_id, version = _register(cfg, model_file, model.config, source, metrics, manifest)
             _log(f"registered {cfg.registered_model} version {version} (run {run_id})")

@@ -17,7 +17,13 @@ from pipelines.common.checkpoints import load_model
 from pipelines.data.synthetic import write_synthetic_voc
 from pipelines.promotion.policy import DEFAULT_ALIAS
 from pipelines.tracking import tracking_uri_set
-from tests.unit.test_peer_weights import SIZE, VainFModel, perturb_batchnorm, relative_difference, vainf_checkpoint
+from tests.unit.test_peer_weights import (
+    SIZE,
+    VainFModel,
+    perturb_batchnorm,
+    relative_difference,
+    vainf_checkpoint,
+)
 
 NUM_CLASSES = 6  # the synthetic scenes' classes
 SPEC = SyntheticSpec(num_classes=NUM_CLASSES, height=48, width=64)

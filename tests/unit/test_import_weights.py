@@ -32,7 +32,13 @@ from pipelines.promotion.importing import (
     shown_uri,
 )
 from pipelines.tracking import tracking_uri_set
-from tests.unit.test_peer_weights import SIZE, VainFModel, perturb_batchnorm, relative_difference, vainf_checkpoint
+from tests.unit.test_peer_weights import (
+    SIZE,
+    VainFModel,
+    perturb_batchnorm,
+    relative_difference,
+    vainf_checkpoint,
+)
 
 VAINF_ARGS = ["--arch", "deeplabv3plus", "--backbone", "mobilenetv2", "--num-classes", "5", "--output-stride", "16"]
 
@@ -129,7 +135,7 @@ def test_registered_version_loads_with_the_same_logits(vainf_file, vainf_referen
     assert version.tags["source.sha256"] == hashlib.sha256(vainf_file.read_bytes()).hexdigest()
     assert "val_mIoU" not in version.tags and "val_manifest" not in version.tags  # no --eval
     with tracking_uri_set(sqlite_tracking_uri):
-        model, meta = load_model("models:/imported/1")
+        model, _ = load_model("models:/imported/1")
     x = torch.randn(1, 3, *SIZE)
     with torch.no_grad():
         assert relative_difference(model(x), vainf_reference(x)) < 1e-5
@@ -140,8 +146,8 @@ def test_registered_version_loads_with_the_same_logits(vainf_file, vainf_referen
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["kazuto", "k.pth", "--num-classes", 21, "--arch", "deeplabv3plus", "--output", "o"],
-     "--arch deeplabv3plus conflicts with a kazuto checkpoint: .* always --arch deeplabv2, --backbone resnet101, "
-     "--output-stride 8; omit --arch"),
+     ("--arch deeplabv3plus conflicts with a kazuto checkpoint: .* always --arch deeplabv2, --backbone resnet101, "
+      "--output-stride 8; omit --arch")),
     (["torchvision", "t.pth", "--num-classes", 21, "--output-stride", 16, "--output", "o"],
      "--output-stride 16 conflicts with a torchvision checkpoint"),
     (["vainf", "v.pth", "--num-classes", 21, "--arch", "deeplabv3plus", "--output", "o"],
