@@ -88,3 +88,22 @@ def test_only_missing_train_id_masks_are_written(tmp_path, capsys):
     assert (np.asarray(Image.open(first)) == 7).all()
     assert len(list(tmp_path.rglob("*_labelTrainIds.png"))) == len(STEMS)
     assert all(os.path.getsize(p) > 0 for p in tmp_path.rglob("*_labelTrainIds.png"))
+
+
+def test_raw_labels_on_an_object_store(clean_aws_env):
+    """Non-local storage (fsspec's memory://, like S3: no directories, writes are single PUTs)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = "memory://cityscapes-raw"
+    label_ids = np.array([[7, 8, 26], [0, 33, 24]], np.uint8)
+    fs.pipe_file(f"{root}/leftImg8bit/train/ulm/ulm_000000_000019_leftImg8bit.png", png(np.zeros((2, 3, 3), np.uint8)))
+    fs.pipe_file(f"{root}/gtFine/train/ulm/ulm_000000_000019_gtFine_labelIds.png", png(label_ids))
+    try:
+        rows = read_manifest(import_cityscapes(root, "train", f"{root}/train.parquet")).to_pylist()
+        # (memory:// URIs come back as memory:///...: the listing's spelling, as for the images)
+        assert rows[0]["mask_uri"].endswith("cityscapes-raw/gtFine/train/ulm/ulm_000000_000019_gtFine_labelTrainIds.png")
+        written = np.asarray(Image.open(io.BytesIO(fs.cat_file(rows[0]["mask_uri"]))))
+        assert np.array_equal(written, official_train_ids(label_ids))
+    finally:
+        fs.rm(root, recursive=True)
