@@ -179,6 +179,7 @@ def file_name(uri: str) -> str:
 
 
 def read_source(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """The file's bytes (env + given storage options), or an InputError naming the redacted URI."""
     shown = shown_uri(uri)
     try:
         fs, path = get_fs(uri, storage_options)
@@ -225,6 +226,8 @@ def check_kind(checkpoint: Mapping[str, Any], kind: str, shown: str) -> None:
         raise InputError(f"{shown} is already a deeplab-ray model checkpoint: no conversion needed (segment.py "
                          f"--model and load_model take it as is)")
     found_kind = next((k for name, k in _KIND_OF_CONVERTER.items() if name in converter), None)
+    if found_kind is None:
+        raise InputError(f"{shown} looks like a {what}, which no importer here reads ({converter})")
     if found_kind != kind:
         raise InputError(f"{shown} looks like a {what}, not a {IMPORTERS[kind].what}: import it with "
                          f"`import_weights.py {found_kind} ...`")
