@@ -8,11 +8,12 @@ import json
 import uuid
 
 import pytest
+import s3fs
 import torch
 
 from deeplab_core.synthetic import SyntheticSpec
 from deeplab_core.weights import from_vainf
-from pipelines import import_weights, promote
+from pipelines import import_weights, promote, segment
 from pipelines.common.checkpoints import load_model
 from pipelines.data.synthetic import write_synthetic_voc
 from pipelines.promotion.policy import DEFAULT_ALIAS
@@ -31,8 +32,6 @@ SPEC = SyntheticSpec(num_classes=NUM_CLASSES, height=48, width=64)
 
 @pytest.fixture
 def vainf_on_s3(s3_bucket, s3_options):
-    import s3fs
-
     torch.manual_seed(0)
     reference = VainFModel("deeplabv3plus", "mobilenetv2", NUM_CLASSES, 16)
     perturb_batchnorm(reference)
@@ -82,8 +81,14 @@ def test_vainf_from_s3_registered_evaluated_and_promoted(ray_cluster, mlflow_ser
     assert MlflowClient(mlflow_server.url, mlflow_server.url).get_registered_model(name).aliases == {DEFAULT_ALIAS: "1"}
     assert "evaluating" not in capsys.readouterr().err
 
+    # The batch job runs it from the registry (normalisation from the checkpoint's meta).
+    masks = f"{s3_bucket}/masks"
+    assert segment.main(["--model", f"models:/{name}@{DEFAULT_ALIAS}", "--input", manifest, "--output", masks,
+                         "--scales", "1", "--no-flip", "--no-crf", "--tracking-uri", mlflow_server.url]) == 0
+    fs = s3fs.S3FileSystem(**s3_options)
+    fs.invalidate_cache()
+    assert len(fs.glob(f"{masks}/masks/*.png")) == 2
+
 
 def s3fs_open(uri: str, options: dict):
-    import s3fs
-
     return s3fs.S3FileSystem(**options).open(uri, "rb")
