@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--out", required=True, help="manifest URI (.parquet, .csv or .jsonl)")
     voc.add_argument("--mask-dir", default="SegmentationClass")
 
-    cityscapes = layouts.add_parser("cityscapes", help="leftImg8bit/ + gtFine/*_labelTrainIds.png")
+    cityscapes = layouts.add_parser(
+        "cityscapes", help="leftImg8bit/ + gtFine/*_labelTrainIds.png (written once from *_labelIds.png where missing)")
     cityscapes.add_argument("root")
     cityscapes.add_argument("--split", required=True)
     cityscapes.add_argument("--out", required=True)

@@ -262,3 +262,31 @@ def log_finished_run(experiment: str, run_name: str, params: Mapping[str, Any],
         for name, value in (dicts or {}).items():
             mlflow.log_dict(value, name)
         return run.info.run_id
+
+
+# --------------------------------------------------------------------------- imported weights
+
+
+def register_imported_model(tracking_uri: str, experiment: str, run_name: str, model_file: Path,
+                            registered_model: str, params: Mapping[str, Any], tags: Mapping[str, Any],
+                            metrics: Mapping[str, float]) -> tuple[str, str]:
+    """A finished run in `experiment` for a checkpoint converted from another program: `params`
+    (flattened, redacted), `metrics`, and the model logged as in training (`log_checkpoint_model`),
+    registered as a new version of `registered_model` tagged with `tags`. Returns (run_id, version)."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run_id = client.create_run(_experiment_id(client, experiment), run_name=run_name).info.run_id
+    try:
+        items = [Param(k, v) for k, v in _param_strings(params).items()]
+        now = int(time.time() * 1000)
+        for start in range(0, max(len(items), 1), 100):  # MLflow's batch limit is 100 params
+            batch_metrics = [Metric(k, float(v), now, 0) for k, v in metrics.items()] if start == 0 else []
+            client.log_batch(run_id, metrics=batch_metrics, params=items[start:start + 100], synchronous=True)
+        version = log_checkpoint_model(tracking_uri, run_id, model_file, registered_model, tags, {})
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id, version

@@ -9,13 +9,20 @@ column-wise with pyarrow (joins, string kernels), never row by row.
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
+import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
+from deeplab_core.datasets import cityscapes_train_ids
 from pipelines.common.errors import InputError
 from pipelines.data.storage import (
     absolute_uri,
@@ -24,6 +31,7 @@ from pipelines.data.storage import (
     join_uri,
     read_table,
     uri_for,
+    write_atomically,
     write_table,
 )
 
@@ -33,6 +41,8 @@ MANIFEST_COLUMNS = ("id", "image_uri", "mask_uri")
 MANIFEST_SCHEMA = pa.schema([(name, pa.string()) for name in MANIFEST_COLUMNS])
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTENSIONS = (".png",)
+CITYSCAPES_TRAIN_IDS = "_gtFine_labelTrainIds.png"
+CITYSCAPES_RAW_IDS = "_gtFine_labelIds.png"  # what the Cityscapes download holds
 
 
 class ManifestError(InputError):
@@ -158,23 +168,62 @@ def import_cityscapes(
     split: str,
     out_uri: str,
     storage_options: Mapping[str, Any] | None = None,
-    label_suffix: str = "_gtFine_labelTrainIds.png",
+    label_suffix: str = CITYSCAPES_TRAIN_IDS,
+    num_threads: int = 16,
 ) -> str:
     """Manifest of a Cityscapes layout: ``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` matched
-    with ``gtFine/{split}/{city}/*{label_suffix}`` (train ids, made by cityscapesscripts'
-    ``createTrainIdLabelImgs``). Images without a label get a null ``mask_uri``."""
+    with ``gtFine/{split}/{city}/*{label_suffix}`` (train ids). Images without a label get a null
+    ``mask_uri``.
+
+    The download holds raw ``*_gtFine_labelIds.png``: each one without a ``*_labelTrainIds.png``
+    beside it gets one, written once as cityscapesscripts' ``createTrainIdLabelImgs`` would
+    (the 19 train ids, 255 for the rest), so a re-import converts nothing again."""
     root = absolute_uri(root)
     images = _list_by_id(join_uri(root, "leftImg8bit", split), "_leftImg8bit.png",
                          storage_options, "image_uri")
     if images.num_rows == 0:
         raise ManifestError(f"no *_leftImg8bit.png under {join_uri(root, 'leftImg8bit', split)}")
-    labels = _list_by_id(join_uri(root, "gtFine", split), label_suffix, storage_options, "mask_uri")
+    labels_root = join_uri(root, "gtFine", split)
+    labels = _list_by_id(labels_root, label_suffix, storage_options, "mask_uri")
+    if label_suffix == CITYSCAPES_TRAIN_IDS:
+        raw = _list_by_id(labels_root, CITYSCAPES_RAW_IDS, storage_options, "raw_uri")
+        unconverted = raw.join(labels.select(["id"]), keys="id", join_type="left anti").sort_by("id")
+        if unconverted.num_rows:
+            written = _write_train_id_labels(unconverted, labels_root, storage_options, num_threads)
+            labels = pa.concat_tables([labels, written]).sort_by("id")
     if labels.num_rows == 0 and split != "test":
-        logger.warning("no *%s under %s: all masks will be null (run cityscapesscripts' "
-                       "createTrainIdLabelImgs to make them)", label_suffix,
-                       join_uri(root, "gtFine", split))
+        logger.warning("no *%s (nor *%s) under %s: all masks will be null", label_suffix,
+                       CITYSCAPES_RAW_IDS, labels_root)
     table = _match(images, labels, f"{root} ({split})")
     return write_manifest(table, out_uri, storage_options)
+
+
+def _write_train_id_labels(raw: pa.Table, labels_root: str, storage_options: Mapping[str, Any] | None,
+                           num_threads: int) -> pa.Table:
+    """``*_gtFine_labelTrainIds.png`` beside each ``*_gtFine_labelIds.png`` of ``raw``
+    (columns ``id, raw_uri``); returns ``(id, mask_uri)`` of the written files."""
+    sources = raw.column("raw_uri").to_pylist()
+    targets = [uri[: -len(CITYSCAPES_RAW_IDS)] + CITYSCAPES_TRAIN_IDS for uri in sources]
+
+    def convert(source: str, target: str) -> None:
+        fs, path = get_fs(source, storage_options)
+        label_ids = np.asarray(Image.open(io.BytesIO(fs.cat_file(path))))
+        if label_ids.ndim != 2:
+            raise ManifestError(f"{source}: expected a single-channel label-id image, got shape {label_ids.shape}")
+        buffer = io.BytesIO()
+        Image.fromarray(cityscapes_train_ids(label_ids)).save(buffer, format="PNG")
+        write_atomically(target, buffer.getvalue(), storage_options)  # never a half-written mask to skip later
+
+    total, step = len(sources), max(1, len(sources) // 10)
+    print(f"cityscapes: {total} *{CITYSCAPES_RAW_IDS} without *{CITYSCAPES_TRAIN_IDS} under {labels_root}: "
+          f"writing train-id masks beside them (once)", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        for done, _ in enumerate(pool.map(convert, sources, targets), start=1):
+            if done % step == 0 or done == total:
+                rate = done / max(time.monotonic() - start, 1e-9)
+                print(f"cityscapes: {done}/{total} train-id masks written ({rate:.0f}/s)", file=sys.stderr, flush=True)
+    return pa.table({"id": raw.column("id"), "mask_uri": pa.array(targets, pa.string())})
 
 
 def import_folders(

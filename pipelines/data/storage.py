@@ -12,6 +12,7 @@ import io
 import os
 import posixpath
 import re
+import uuid
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
@@ -22,6 +23,7 @@ import pyarrow as pa
 from pipelines.common.errors import InputError
 
 REDACTED = "***"
+TEMP_PREFIX = ".tmp-"  # write_atomically's in-progress files (never listed as inputs)
 
 # Words that make an option name secret-looking, matched against the name's words
 # ("aws_secret_access_key" -> aws, secret, access, key; "apiKey" -> api, key).
@@ -136,6 +138,26 @@ def make_parent_dirs(fs, path: str, uri: str) -> None:
     parent = posixpath.dirname(path)
     if parent and protocol_of(uri) not in _OBJECT_STORE_PROTOCOLS:
         fs.makedirs(parent, exist_ok=True)
+
+
+def write_atomically(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Readers see the whole file or none of it: one PUT on object stores (objects appear whole);
+    elsewhere a hidden temp file in the same directory renamed over the target."""
+    fs, path = get_fs(uri, storage_options)
+    make_parent_dirs(fs, path, uri)
+    if not is_local(uri):
+        fs.pipe_file(path, data)
+        return
+    directory = posixpath.dirname(path)
+    # A short temp name: a legal 255-byte file name plus a suffix would not be.
+    temp = posixpath.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
 
 
 def redact(obj: Any) -> Any:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import posixpath
 import re
 import uuid
@@ -34,20 +33,20 @@ import pyarrow as pa
 from pipelines.data.errors import ErrorRecord, errors_table
 from pipelines.data.manifest import IMAGE_EXTENSIONS, read_manifest
 from pipelines.data.storage import (
+    TEMP_PREFIX,
     check_access,
     get_fs,
     is_local,
     join_uri,
-    make_parent_dirs,
     table_format,
     uri_for,
+    write_atomically,
 )
 
 log = logging.getLogger(__name__)
 
 
 STATE_FILE = "_state.json"
-TEMP_PREFIX = ".tmp-"  # write_atomically's temp files, never inputs
 
 
 RESULTS_DIR, ERRORS_DIR, MASKS_DIR, OVERLAYS_DIR = "results", "errors", "masks", "overlays"
@@ -119,26 +118,6 @@ class OutputLayout:
 
     def overlay_uri(self, record_id: str) -> str:
         return self.uri(OVERLAYS_DIR, check_id(record_id) + OVERLAY_SUFFIX)
-
-
-def write_atomically(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Readers see the whole file or none of it: one PUT on object stores (objects appear whole);
-    elsewhere a hidden temp file in the same directory renamed over the target."""
-    fs, path = get_fs(uri, storage_options)
-    make_parent_dirs(fs, path, uri)
-    if not is_local(uri):
-        fs.pipe_file(path, data)
-        return
-    directory, name = posixpath.split(path)
-    # A short temp name: a legal 255-byte file name plus a suffix would not be.
-    temp = posixpath.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
