@@ -58,29 +58,40 @@ def prepare_for_training(model: nn.Module, device: torch.device | str, channels_
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def training_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, *, bf16: bool,
-                  channels_last: bool, criterion: nn.Module | None = None,
-                  optimizer: torch.optim.Optimizer | None = None) -> StepResult:
-    """Forward (bf16 autocast if asked), loss, backward and - with an optimizer - the update, as
-    the training loop does; gradients are left in place without an optimizer (for comparisons)."""
+def forward_backward(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, *, bf16: bool,
+                     channels_last: bool, criterion: nn.Module) -> tuple[torch.Tensor, torch.dtype]:
+    """Forward (bf16 autocast if asked) and backward as the training loop runs them; returns the
+    loss (a device tensor, no synchronisation) and the logits' dtype."""
     device = _first_conv_weight(model).device
-    criterion = criterion or SegmentationLoss()
     images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with autocast:
-        logits = model(images)
-        out = logits["out"] if isinstance(logits, dict) else logits
-        loss = criterion(logits, masks)
+        output = model(images)
+        loss = criterion(output, masks)
     loss.backward()
+    logits = output["out"] if isinstance(output, dict) else output
+    return loss, logits.dtype
+
+
+def train_iteration(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, optimizer: torch.optim.Optimizer,
+                    *, bf16: bool, channels_last: bool, criterion: nn.Module) -> float:
+    """One optimizer step, including the loop's per-step `loss.item()` (its one host sync)."""
+    loss, _ = forward_backward(model, images, masks, bf16=bf16, channels_last=channels_last, criterion=criterion)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def training_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, *, bf16: bool,
+                  channels_last: bool, criterion: nn.Module | None = None) -> StepResult:
+    """Forward and backward for comparisons: the gradients are kept, no update is made."""
+    loss, dtype = forward_backward(model, images, masks, bf16=bf16, channels_last=channels_last,
+                                   criterion=criterion or SegmentationLoss())
     classifier = _conv_weights(model)[-1]
-    result = StepResult(float(loss.detach()), classifier.grad.detach().float().cpu().clone(), out.dtype,
-                        _first_conv_weight(model).is_contiguous(memory_format=torch.channels_last))
-    if optimizer is not None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return result
+    return StepResult(float(loss.detach()), classifier.grad.detach().float().cpu().clone(), dtype,
+                      _first_conv_weight(model).is_contiguous(memory_format=torch.channels_last))
 
 
 def synthetic_batch(batch: int, height: int, width: int, num_classes: int = 21,
