@@ -320,6 +320,7 @@ def checks_records(junit: Path, output: str) -> list[dict]:
 
 
 STARTUP_S = 90  # a bench child's imports and CUDA context before its first part starts
+EXIT_GRACE_S = 15  # after its last part, a child still running this long is killed (not a failure)
 
 
 def run_checks(part: Part, cfg: Config, budget: float, scratch: Path, log_dir: Path | None) -> dict:
@@ -391,17 +392,27 @@ def _watch(command: list[str], cfg: Config, pending: list[Part], results: Path,
         launched, killed = time.perf_counter(), set()
         while proc.poll() is None:
             time.sleep(0.2)
-            current = _current_part(read_records(results))
-            if current is None:
-                over = time.perf_counter() - launched > STARTUP_S
+            records = read_records(results)
+            current = _current_part(records)
+            finished = [r["time"] for r in records if r.get("type") in ("end", "error")]
+            if len(finished) == len(pending):  # all done; only its exit is left (Ray's can hang)
+                if time.time() - finished[-1] > EXIT_GRACE_S:
+                    _kill(proc)
+                continue
+            if current is None:  # starting up, or between two parts
+                over = not finished and time.perf_counter() - launched > STARTUP_S
             else:
                 over = time.time() - current[1] > cfg.budgets[current[0]]
             if over or time.perf_counter() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                killed.add(current[0] if current else pending[0].name)
+                _kill(proc)
+                killed.add(current[0] if current else pending[len(finished)].name)
     return out_path.read_text(), killed
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _current_part(records: list[dict]) -> tuple[str, float] | None:
@@ -662,7 +673,7 @@ def run_worker(names: str, config_path: str, results_path: str) -> int:
             traceback.print_exc()
             record({"type": "error", "part": name, "message": f"{type(err).__name__}: {err}"[:300]})
             return 3
-        record({"type": "end", "part": name})
+        record({"type": "end", "part": name, "time": time.time()})
     return 0
 
 
@@ -744,6 +755,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ray", default="auto", choices=["auto", "on", "off"],
                    help="Ray Train row: auto = where ray is installed, not in --dry-run")
     p.add_argument("--profile", action="store_true", help="torch.profiler table to $OUT/gpu_suite_profile.txt")
+    p.add_argument("--parts", default="checks,train,ray,segment,profile",
+                   help="comma-separated parts to run (profile also needs --profile)")
     p.add_argument("--time-limit", type=float, default=480, help="seconds for the whole suite (parts are time-boxed)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak, for a GPU missing from the table")
@@ -773,7 +786,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = make_config(args)
     command = "python bench/gpu_suite.py" + (" " + shlex.join(argv) if argv else "")
-    parts = expected_rows(cfg, ray_state(args.ray, args.dry_run), args.profile)
+    wanted = set(args.parts.split(","))
+    parts = [p for p in expected_rows(cfg, ray_state(args.ray, args.dry_run), args.profile) if p.name in wanted]
     if cfg.out_dir:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu_suite_") as scratch:
