@@ -292,7 +292,7 @@ def child_env(cfg: Config) -> dict[str, str]:
 
 
 def checks_command(junit: Path) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-q", "-rA", "-v", "-p", "no:cacheprovider", f"--junitxml={junit}",
+    return [sys.executable, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", f"--junitxml={junit}",
             CHECKS_FILE]
 
 
@@ -538,19 +538,17 @@ def worker_train(cfg: Config, record: Recorder) -> None:
     device_name = torch.cuda.get_device_name() if cfg.device == "cuda" else "cpu"
     peak = cfg.peak_tflops or (peak_bf16_tflops(device_name) if cfg.device == "cuda" else None)
     for spec in cfg.train:
-        batch, notes = spec.batch, []
-        while True:
+        batch, notes, result = spec.batch, [], None
+        while result is None:
             try:
                 result = measure_training(spec, cfg, batch, peak)
-                break
             except torch.cuda.OutOfMemoryError:  # fall back to the largest batch that fits
-                _free_device_memory()
                 if batch <= 2:
                     raise
-                notes.append(f"batch {batch} out of memory")
+                notes.append(f"batch {batch} out of memory, ran {batch // 2}")
                 batch //= 2
-        _free_device_memory()
-        result["note"] = "; ".join([*notes, f"batch {batch}" if notes else "", result["note"]]).strip("; ")
+            _free_device_memory()  # outside the except block: its traceback holds the tensors
+        result["note"] = "; ".join([*notes, result["note"]])
         record({"type": "row", "key": spec.key, "status": "ok", **result})
         log(f"{spec.key}: {result['images_per_s']:.1f} images/s")
 

@@ -58,12 +58,15 @@ LOSS_RTOL, GRAD_RTOL, GRAD_MIN_COSINE = 0.01, 0.08, 0.9
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """2 shared cores: one thread avoids OpenMP threads waiting on each other."""
-    threads = torch.get_num_threads()
+def one_torch_thread_and_true_fp32():
+    """2 shared cores: one thread avoids OpenMP threads waiting on each other. On CUDA, fp32
+    references are fp32: cuDNN would otherwise run fp32 convolutions in TF32."""
+    threads, tf32 = torch.get_num_threads(), torch.backends.cudnn.allow_tf32
     torch.set_num_threads(1)
+    torch.backends.cudnn.allow_tf32 = False
     yield
     torch.set_num_threads(threads)
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _relative(a: float, b: float) -> float:
