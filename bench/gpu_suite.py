@@ -696,17 +696,21 @@ def markdown(rows: list[Row]) -> str:
 
 HOW_TO = """\
 How to run it on the lent GPU machine (Python 3.12, torch preinstalled, no package index): build
-the offline wheelhouse here with `make wheelhouse` (docs/operations.md section 8), then with the
-device tool carry `["wheelhouse/gpu"]` and run
+the offline wheelhouse here with `make wheelhouse` (docs/operations.md section 8), then call the
+device tool with carry `["wheelhouse/gpu"]`, timeout_s 560 (the suite stops itself after
+`--time-limit`, 480 s by default) and the command
 
 ```text
-python3.12 -m pip install --no-index --find-links wheelhouse/gpu -r infra/wheelhouse-gpu.txt && python3.12 bench/gpu_suite.py --output docs/benchmarks.md
+python3.12 -m pip install -q --no-index --find-links wheelhouse/gpu -r infra/wheelhouse-gpu.txt && python3.12 bench/gpu_suite.py --output docs/benchmarks.md
 ```
 
-(`--profile` adds a torch.profiler table; `python3.12 bench/gpu_suite.py --device cuda --dry-run`
-is a 1-minute setup check.) Results come back in `$OUT/gpu_suite.json` and the per-part logs in
-`$OUT/gpu_suite_<part>.log`; commit the rewritten section. `make gpu-suite` runs the same where a
-venv with CUDA exists.
+(pip refusing with `externally-managed-environment`: add `--break-system-packages`.) `--profile`
+adds a torch.profiler table; `python3.12 bench/gpu_suite.py --device cuda --dry-run` is a
+1-minute setup check; `--parts train,segment` reruns only those. Results come back in
+`$OUT/gpu_suite.json`, the logs in `$OUT/gpu_suite_checks.log` and `$OUT/gpu_suite_bench_<n>.log`;
+only $OUT comes back, so write the section here from the JSON and commit it:
+`python bench/gpu_suite.py --from-json <files_at>/gpu_suite.json --output docs/benchmarks.md`.
+`make gpu-suite` runs the suite where a venv with CUDA exists.
 
 If MFU is below 40 %: rerun with `--profile` and read `$OUT/gpu_suite_profile.txt` (self device
 time per op). Convolution kernels should dominate; large shares of `aten::copy_`/`to` (memory-format
@@ -717,13 +721,13 @@ larger batch, CUDA graphs or `torch.compile`) say where the time goes. `--cudnn-
 what cuDNN's autotuner would gain (the training loop leaves it off)."""
 
 
-def section_body(rows: list[Row], env: dict, cfg: Config, command: str, seconds: float) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def section_body(rows: list[Row], env: dict, device: str, dry_run: bool, command: str, seconds: float,
+                 stamp: str) -> str:
     machine = (f"{env.get('device_name', '?')}, torch {env.get('torch', '?')}, CUDA {env.get('cuda') or '-'}, "
                f"cuDNN {env.get('cudnn') or '-'}, Python {env.get('python', '?')}")
     parts = [f"Command: `{command}`", f"Machine: {machine}; {stamp}; suite wall time {seconds:.0f} s."]
-    if cfg.device != "cuda" or cfg.dry_run:
-        parts.append(f"**Not a GPU measurement**: a `--dry-run` on {cfg.device} at tiny sizes (stand-in models) that "
+    if device != "cuda" or dry_run:
+        parts.append(f"**Not a GPU measurement**: a `--dry-run` on {device} at tiny sizes (stand-in models) that "
                      "proves every part runs. GPU figures: not yet measured.")
     parts += [("Training rows: plain PyTorch loop, synthetic tensors, SGD, bf16 autocast + channels_last; TFLOP/s = "
                "FlopCounterMode FLOPs of one forward+backward step / step time; MFU against the GPU's dense bf16 "
@@ -732,14 +736,23 @@ def section_body(rows: list[Row], env: dict, cfg: Config, command: str, seconds:
     return "\n\n".join(parts)
 
 
-def write_json(rows: list[Row], env: dict, cfg: Config, command: str, seconds: float) -> Path | None:
+def write_json(rows: list[Row], env: dict, cfg: Config, command: str, seconds: float, stamp: str) -> Path | None:
     if not cfg.out_dir:
         return None
     path = Path(cfg.out_dir) / "gpu_suite.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"command": command, "environment": env, "dry_run": cfg.dry_run, "device": cfg.device,
-                                "wall_s": seconds, "rows": [asdict(r) for r in rows]}, indent=2))
+                                "wall_s": seconds, "finished": stamp, "rows": [asdict(r) for r in rows]}, indent=2))
     return path
+
+
+def section_from_json(path: str, output: str) -> None:
+    """The device tool brings back $OUT only: rewrite the docs section here from its JSON."""
+    data = json.loads(Path(path).read_text())
+    rows = [Row(**row) for row in data["rows"]]
+    replace_section(output, SECTION, section_body(rows, data["environment"], data["device"], data["dry_run"],
+                                                  data["command"], data["wall_s"], data["finished"]))
+    print(f"wrote section '## {SECTION}' of {output} from {path}")
 
 
 # --------------------------------------------------------------------------- main
@@ -760,6 +773,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak, for a GPU missing from the table")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    p.add_argument("--from-json", metavar="GPU_SUITE_JSON",
+                   help="only rewrite the --output section (default docs/benchmarks.md) from a run's gpu_suite.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # comma-separated parts, in a child process
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--results", help=argparse.SUPPRESS)
@@ -777,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return run_worker(args.worker, args.config, args.results)
+    if args.from_json:
+        section_from_json(args.from_json, args.output or "docs/benchmarks.md")
+        return 0
     if args.device == "cuda" and not _cuda_available():
         print("gpu_suite: no CUDA device here; for the CPU dry run use --device cpu --dry-run", file=sys.stderr)
         return 2
@@ -795,11 +813,12 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows)
     print(f"{SECTION}: {env.get('device_name', '?')}, torch {env.get('torch', '?')}; `{command}`; {seconds:.0f} s\n")
     print(table)
-    path = write_json(rows, env, cfg, command, seconds)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    path = write_json(rows, env, cfg, command, seconds, stamp)
     if path:
         print(f"\nwrote {path}")
     if args.output:
-        replace_section(args.output, SECTION, section_body(rows, env, cfg, command, seconds))
+        replace_section(args.output, SECTION, section_body(rows, env, cfg.device, cfg.dry_run, command, seconds, stamp))
         print(f"wrote section '## {SECTION}' of {args.output}")
     return 0 if all(row.status in STATUS_GOOD for row in rows) else 1
 

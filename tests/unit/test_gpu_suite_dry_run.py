@@ -122,3 +122,11 @@ def test_a_measuring_part_over_budget_is_killed_and_the_next_part_still_runs(tmp
     train, segment = parts
     assert [r.status for r in train.rows] == ["timeout", "timeout"], [r.note for r in train.rows]
     assert [r.status for r in segment.rows] == ["ok", "ok", "ok"], [r.note for r in segment.rows]
+
+
+def test_section_from_json_equals_the_one_written_by_the_run(dry_run: dict, tmp_path: Path) -> None:
+    """What comes back from the device is $OUT only: the section rebuilt from its JSON is the same."""
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## GPU suite\n\nold\n\n## Other\n\nkept\n")
+    gpu_suite.section_from_json(str(dry_run["out"] / "gpu_suite.json"), str(doc))
+    assert doc.read_text() == dry_run["doc"]
