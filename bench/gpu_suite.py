@@ -259,7 +259,8 @@ def _last_line(text: str) -> str:
     return lines[-1][:200] if lines else ""
 
 
-def merge_results(rows: list[Row], records: list[dict], outcome: str, output: str, budget_s: float) -> None:
+def merge_results(rows: list[Row], records: list[dict], outcome: str, output: str, budget_s: float,
+                  why: str | None = None) -> None:
     """Fills the expected rows from the child's records; rows it never reported say why."""
     by_key = {r["key"]: r for r in records if r.get("type") == "row"}
     for row in rows:
@@ -269,7 +270,7 @@ def merge_results(rows: list[Row], records: list[dict], outcome: str, output: st
                 if name not in ("type", "key", "part", "label") and hasattr(row, name):
                     setattr(row, name, value)
         elif outcome == "timeout":
-            row.status, row.note = "timeout", f"part exceeded its {budget_s:.0f} s budget"
+            row.status, row.note = "timeout", why or f"part exceeded its {budget_s:.0f} s budget"
         else:
             row.status = "error"
             row.note = f"not reported ({outcome}): {_last_line(output)}"
@@ -371,7 +372,7 @@ def run_bench_parts(parts: list[Part], cfg: Config, deadline: float, scratch: Pa
                 outcome = ("timeout" if part.name in killed else
                            f"error: {errors[part.name]}" if part.name in errors else
                            "ok" if part.name in ended else "error: the child process died during this part")
-                merge_results(part.rows, child, outcome, output, cfg.budgets[part.name])
+                merge_results(part.rows, child, outcome, output, cfg.budgets[part.name], killed.get(part.name))
                 log(f"{part.name}: {outcome}")
                 pending.remove(part)
         if pending and not started:  # died before its first part: nothing will get further
@@ -383,14 +384,14 @@ def run_bench_parts(parts: list[Part], cfg: Config, deadline: float, scratch: Pa
 
 
 def _watch(command: list[str], cfg: Config, pending: list[Part], results: Path,
-           deadline: float) -> tuple[str, set[str]]:
+           deadline: float) -> tuple[str, dict[str, str]]:
     """Runs a bench child, killing it when its current part (or its start-up) runs over.
-    Returns (its output, {the part it was killed in})."""
+    Returns (its output, {the part it was killed in: why})."""
     out_path = results.with_suffix(".log")
     with out_path.open("w") as out:
         proc = subprocess.Popen(command, cwd=ROOT, env=child_env(cfg), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        launched, killed = time.perf_counter(), set()
+        launched, killed = time.perf_counter(), {}
         while proc.poll() is None:
             time.sleep(0.2)
             records = read_records(results)
@@ -400,13 +401,18 @@ def _watch(command: list[str], cfg: Config, pending: list[Part], results: Path,
                 if time.time() - finished[-1] > EXIT_GRACE_S:
                     _kill(proc)
                 continue
+            name = current[0] if current else pending[len(finished)].name
             if current is None:  # starting up, or between two parts
-                over = not finished and time.perf_counter() - launched > STARTUP_S
+                why = (f"the child's start-up took over {STARTUP_S} s"
+                       if not finished and time.perf_counter() - launched > STARTUP_S else "")
             else:
-                over = time.time() - current[1] > cfg.budgets[current[0]]
-            if over or time.perf_counter() > deadline:
+                why = (f"part exceeded its {cfg.budgets[name]:.0f} s budget"
+                       if time.time() - current[1] > cfg.budgets[name] else "")
+            if not why and time.perf_counter() > deadline:
+                why = "the suite's --time-limit was reached"
+            if why:
                 _kill(proc)
-                killed.add(current[0] if current else pending[len(finished)].name)
+                killed[name] = why
     return out_path.read_text(), killed
 
 
