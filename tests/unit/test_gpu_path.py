@@ -147,8 +147,9 @@ def test_model_stage_bf16_matches_fp32(device: str) -> None:
     confident = margin >= margin.flatten().quantile(0.9)
     agree = (bf16.argmax(1) == fp32.argmax(1))[confident].float().mean().item()
     assert agree > 0.99, agree
-    if device == "cuda":  # what the job runs there: autocast left to predict_probs
-        assert torch.equal(model_stage_probs(model, images, scales, flip=True), bf16)
+    if device == "cuda":  # what the job runs there, autocast left to predict_probs, is the bf16 result
+        default = model_stage_probs(model, images, scales, flip=True)
+        assert (default - bf16).abs().max().item() < 1e-4 < (default - fp32).abs().max().item()
 
 
 @pytest.mark.parametrize("device", DEVICES)
