@@ -43,3 +43,11 @@ clean:
 .PHONY: wheelhouse
 wheelhouse:
 	bash infra/wheelhouse.sh $(WHEELHOUSE_TIER)
+
+# The GPU suite (bench/gpu_suite.py): GPU-path checks, training MFU, batch-segmentation rates,
+# written to docs/benchmarks.md "## GPU suite". Needs a CUDA device; uses .venv where there is one,
+# else $(PYTHON) (on the lent GPU machine: make gpu-suite PYTHON=python3.12). CPU dry run:
+# python bench/gpu_suite.py --device cpu --dry-run
+.PHONY: gpu-suite
+gpu-suite:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) bench/gpu_suite.py --output docs/benchmarks.md
