@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -41,198 +39,28 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import replace_section
+from bench.gpu_suite_config import (  # noqa: E402
+    CHECKS_FILE,
+    MIN_PART_SECONDS,
+    STATUS_GOOD,
+    Config,
+    Part,
+    Row,
+    expected_rows,
+    log,
+    make_config,
+    ray_state,
+)
+from bench.report import replace_section  # noqa: E402
 
 SECTION = "GPU suite"
-CHECKS_FILE = "tests/unit/test_gpu_path.py"
-CHECKS = {  # test function -> what the row says; tests/unit/test_gpu_suite_dry_run.py keeps it complete
-    "test_bf16_channels_last_step_matches_fp32": "bf16 + channels_last training step = fp32 (loss, grad norm)",
-    "test_batchnorm_in_a_one_process_group": "BatchNorm in a 1-process group (cuda: SyncBN/NCCL; cpu: gloo, plain BN)",
-    "test_model_stage_bf16_matches_fp32": "batch job's model stage in bf16 autocast = fp32",
-    "test_model_stage_replica_matches_job_stage": "model-stage replica = pipelines ModelStage (needs ray, pyarrow)",
-    "test_torch_crf_matches_pydensecrf": "torch CRF labels = pydensecrf",
-}
-# Dense (no sparsity) BF16 tensor-core peaks in TFLOPS from NVIDIA's datasheets, which quote the
-# sparse figure (2x) first: H100 SXM / H200 SXM 1,979 sparse -> 989.4; H100 PCIe 1,513 -> 756.5;
-# H100 NVL / H200 NVL 1,671 -> 835.5; A100 624 -> 312; L40S 733 -> 362.05; L4 242 -> 121.
-# Matched in this order against torch.cuda.get_device_name() (more specific names first).
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H200 NVL", 835.5), ("H200", 989.4), ("H100 PCIe", 756.5), ("H100 NVL", 835.5), ("H100", 989.4),
-    ("A100", 312.0), ("L40S", 362.05), ("L4", 121.0),
-)
-STATUS_GOOD = ("pass", "ok", "skipped")
-MIN_PART_SECONDS = 10  # a part is not started with less of the suite's time left
-
-
-def peak_bf16_tflops(device_name: str) -> float | None:
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), None)
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    arch: str
-    backbone: str
-    width_mult: float | None = None  # mobilenetv2 only
-
-    @property
-    def name(self) -> str:
-        arch = {"deeplabv3plus": "DeepLabV3+", "deeplabv3": "DeepLabV3"}.get(self.arch, self.arch)
-        width = f" x{self.width_mult:g}" if self.width_mult is not None else ""
-        return f"{arch} {self.backbone}{width} (OS 16)"
-
-    def build(self):
-        from deeplab_core.models import build_model
-
-        opts = {} if self.width_mult is None else {"width_mult": self.width_mult}
-        return build_model(self.arch, self.backbone, num_classes=21, output_stride=16, **opts)
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    key: str
-    model: ModelSpec
-    crop: int
-    batch: int
-    warmup: int
-    steps: int
-    max_timed_s: float  # the timed steps stop early past this
-
-
-@dataclass(frozen=True)
-class SegmentSpec:
-    model: ModelSpec
-    height: int
-    width: int
-    batch: int  # SegmentConfig.batch_size default: one same-size group per model call
-    images: dict[str, int]  # images per variant
-    max_timed_s: float
-
-
-@dataclass(frozen=True)
-class Config:
-    device: str
-    dry_run: bool
-    threads: int
-    train: list[TrainSpec]
-    segment: SegmentSpec
-    profile_model: ModelSpec
-    profile_crop: int
-    profile_batch: int
-    budgets: dict[str, float]  # part -> seconds
-    out_dir: str | None
-    peak_tflops: float | None  # --peak-tflops override
-    cudnn_benchmark: bool
-
-
-def make_config(args: argparse.Namespace) -> Config:
-    r101 = [ModelSpec("deeplabv3plus", "resnet101"), ModelSpec("deeplabv3", "resnet101")]
-    tiny = [ModelSpec("deeplabv3plus", "mobilenetv2", 0.25), ModelSpec("deeplabv3", "mobilenetv2", 0.25)]
-    if args.dry_run:
-        train = [TrainSpec(f"train-{m.arch}", m, crop=65, batch=2, warmup=1, steps=2, max_timed_s=10) for m in tiny]
-        segment = SegmentSpec(tiny[0], height=48, width=64, batch=2,
-                              images={"plain": 2, "ms-flip": 2, "ms-flip-crf": 2}, max_timed_s=10)
-        # ~10x what an idle 2-core box needs: shared CI machines run at load 15-25
-        budgets = {"checks": 180, "train": 120, "ray": 240, "segment": 120, "profile": 120}
-        profile = (tiny[0], 65, 2)
-    else:
-        train = [TrainSpec(f"train-{m.arch}", m, crop=513, batch=args.batch, warmup=5, steps=20, max_timed_s=30)
-                 for m in r101]
-        segment = SegmentSpec(r101[0], height=375, width=500, batch=4,
-                              images={"plain": 64, "ms-flip": 16, "ms-flip-crf": 16}, max_timed_s=30)
-        budgets = {"checks": 120, "train": 150, "ray": 150, "segment": 120, "profile": 60}
-        profile = (r101[0], 513, args.batch)
-    return Config(device=args.device, dry_run=args.dry_run, threads=args.threads, train=train, segment=segment,
-                  profile_model=profile[0], profile_crop=profile[1], profile_batch=profile[2], budgets=budgets,
-                  out_dir=os.environ.get("OUT") or None, peak_tflops=args.peak_tflops,
-                  cudnn_benchmark=args.cudnn_benchmark)
-
-
-def config_from_json(data: dict) -> Config:
-    def model(d: dict) -> ModelSpec:
-        return ModelSpec(**d)
-
-    data = dict(data)
-    data["train"] = [TrainSpec(**{**t, "model": model(t["model"])}) for t in data["train"]]
-    data["segment"] = SegmentSpec(**{**data["segment"], "model": model(data["segment"]["model"])})
-    data["profile_model"] = model(data["profile_model"])
-    return Config(**data)
-
-
-# --------------------------------------------------------------------------- rows
-
-
-@dataclass
-class Row:
-    part: str
-    key: str
-    label: str
-    status: str = "pending"  # pass / fail / ok / skipped / timeout / error
-    images_per_s: float | None = None
-    ms: float | None = None  # per step (train) or per image (segment)
-    tflops: float | None = None
-    mfu_pct: float | None = None
-    peak_mib: float | None = None
-    seconds: float | None = None
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class Part:
-    name: str
-    rows: list[Row]  # the rows this part is expected to fill, in table order; decided rows are not run
-
-
-def expected_rows(cfg: Config, ray_state: str, profile: bool) -> list[Part]:
-    """Every row of the table, decided before anything runs, so a part that dies or times out
-    still shows each row it owed."""
-    devices = ["cpu"] + (["cuda"] if cfg.device == "cuda" else [])
-    checks = [Row("checks", f"{name}[{d}]", f"{label} [{d}]") for name, label in CHECKS.items() for d in devices]
-    train = [Row("train", t.key, f"{t.model.name}, {t.crop}x{t.crop}, batch {t.batch}, bf16 + channels_last, "
-                 "plain PyTorch") for t in cfg.train]
-    first = cfg.train[0]
-    ray = Row("ray", "ray-train", f"{first.model.name}, {first.crop}x{first.crop}, batch {first.batch}: Ray Train "
-              "(1 worker) vs plain PyTorch (bench/train_throughput.py)")
-    s = cfg.segment
-    where = f"{s.model.name}, {s.width}x{s.height}, 21 classes, batch {s.batch}"
-    segment = [Row("segment", "plain", f"model stage, plain (scale 1, no flip): {where}"),
-               Row("segment", "ms-flip", f"model stage, 6 scales + flip: {where}"),
-               Row("segment", "ms-flip-crf", f"model stage, 6 scales + flip + torch CRF (10 it.) on {cfg.device}: "
-                                             f"{where}")]
-    parts = [Part("checks", checks), Part("train", train)]
-    if ray_state == "run":
-        parts.append(Part("ray", [ray]))
-    else:
-        ray.status, ray.note = "skipped", ray_state
-        parts.append(Part("ray", [ray]))
-    parts.append(Part("segment", segment))
-    if profile:
-        parts.append(Part("profile", [Row("profile", "profile", f"torch.profiler, {cfg.profile_model.name} "
-                                                                "training steps")]))
-    return parts
-
-
-def ray_state(mode: str, dry_run: bool) -> str:
-    """'run', or why the Ray Train row is skipped."""
-    if mode == "off":
-        return "skipped: --ray off"
-    if importlib.util.find_spec("ray") is None:
-        return "skipped: ray not installed (its wheel does not fit the GPU machine's 64 MiB carry)"
-    if mode == "auto" and dry_run:
-        return "skipped: --dry-run (Ray start-up alone exceeds the dry run's budget; --ray on to include it)"
-    return "run"
-
-
 # --------------------------------------------------------------------------- running a part
 
 
@@ -447,241 +275,6 @@ def run_suite(cfg: Config, parts: list[Part], time_limit_s: float, scratch: Path
     return env_info, time.perf_counter() - start
 
 
-def log(message: str) -> None:
-    print(f"[gpu-suite] {message}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- workers (child processes)
-
-
-class Recorder:
-    """Appends one JSON line per record, flushed at once, so rows survive a later kill."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __call__(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def environment(device: str) -> dict:
-    import torch
-
-    info = {"type": "env", "torch": torch.__version__, "python": platform.python_version(),
-            "device": device, "device_name": platform.processor() or platform.machine(),
-            "cuda": torch.version.cuda, "cudnn": None}
-    if device == "cuda":
-        info.update(device_name=torch.cuda.get_device_name(), cudnn=torch.backends.cudnn.version())
-    return info
-
-
-def _synchronize(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-@contextlib.contextmanager
-def peak_memory(device: str) -> Iterator[Callable[[], float | None]]:
-    """Yields a function returning the peak allocated MiB since entry (None on CPU)."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    yield lambda: torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-
-
-def _free_device_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def measure_training(spec: TrainSpec, cfg: Config, batch: int, peak: float | None) -> dict:
-    """Throughput of the plain loop's step; FLOPs of one counted forward+backward (the first
-    warm-up step). bf16 + channels_last as the training job runs on a GPU (here also on CPU)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from bench.gpu_path import prepare_for_training, synthetic_batch, train_iteration
-    from deeplab_core.losses import SegmentationLoss
-
-    device = cfg.device
-    model = prepare_for_training(spec.model.build(), device, channels_last=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    images, masks = (t.to(device) for t in synthetic_batch(batch, spec.crop, spec.crop))
-    step = {"bf16": True, "channels_last": True, "criterion": SegmentationLoss()}
-    with FlopCounterMode(display=False) as counter:
-        train_iteration(model, images, masks, optimizer, **step)
-    flops = counter.get_total_flops()
-    for _ in range(spec.warmup - 1):
-        train_iteration(model, images, masks, optimizer, **step)
-    with peak_memory(device) as peak_mib:
-        _synchronize(device)
-        start, steps = time.perf_counter(), 0
-        while steps < spec.steps and (steps == 0 or time.perf_counter() - start < spec.max_timed_s):
-            train_iteration(model, images, masks, optimizer, **step)
-            steps += 1
-        _synchronize(device)
-        seconds = (time.perf_counter() - start) / steps
-        mib = peak_mib()
-    tflops = flops / seconds / 1e12
-    return {"images_per_s": batch / seconds, "ms": 1e3 * seconds, "tflops": tflops,
-            "mfu_pct": None if peak is None else 100 * tflops / peak, "peak_mib": mib,
-            "note": f"{steps} timed steps after {spec.warmup} warm-up; {flops / batch / 1e9:.3g} GFLOP per image "
-                    f"(counted fwd+bwd)" + ("" if peak else "; no bf16 peak known for this device: MFU -")}
-
-
-def worker_train(cfg: Config, record: Recorder) -> None:
-    import torch
-
-    device_name = torch.cuda.get_device_name() if cfg.device == "cuda" else "cpu"
-    peak = cfg.peak_tflops or (peak_bf16_tflops(device_name) if cfg.device == "cuda" else None)
-    for spec in cfg.train:
-        batch, notes, result = spec.batch, [], None
-        while result is None:
-            try:
-                result = measure_training(spec, cfg, batch, peak)
-            except torch.cuda.OutOfMemoryError:  # fall back to the largest batch that fits
-                if batch <= 2:
-                    raise
-                notes.append(f"batch {batch} out of memory, ran {batch // 2}")
-                batch //= 2
-            _free_device_memory()  # outside the except block: its traceback holds the tensors
-        result["note"] = "; ".join([*notes, result["note"]])
-        record({"type": "row", "key": spec.key, "status": "ok", **result})
-        log(f"{spec.key}: {result['images_per_s']:.1f} images/s")
-
-
-def worker_ray(cfg: Config, record: Recorder) -> None:
-    """bench/train_throughput.py's plain loop and its Ray Train path, same arguments."""
-    import ray
-
-    from bench import train_throughput as tt
-
-    spec = cfg.train[0]
-    args = argparse.Namespace(arch=spec.model.arch, backbone=spec.model.backbone, width_mult=spec.model.width_mult or 1.0,
-                              crop=spec.crop, batch=spec.batch, steps=spec.steps, warmup=spec.warmup,
-                              threads=cfg.threads, device=cfg.device, bf16=True, tmp=tempfile.mkdtemp())
-    plain = tt.run_plain(args)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=max(2, os.cpu_count() or 1), logging_level="ERROR", include_dashboard=False)
-    try:
-        on_ray = tt.run_ray(args, use_data=False)
-    finally:
-        ray.shutdown()
-    record({"type": "row", "key": "ray-train", "status": "ok", "images_per_s": on_ray,
-            "note": f"ratio Ray Train / plain = {on_ray / plain:.3f} (plain {plain:.2f} images/s, same code)"})
-
-
-def worker_segment(cfg: Config, record: Recorder) -> None:
-    from bench.gpu_path import model_stage_outputs, prime_batchnorm, synthetic_batch
-    from deeplab_core.constants import DEFAULT_SCALES, CRFParams
-    from deeplab_core.synthetic import SyntheticSpec, render_scene
-
-    s, device = cfg.segment, cfg.device
-    model = s.model.build().to(device)
-    prime_batchnorm(model, synthetic_batch(2, s.height, s.width)[0].to(device))  # keeps activations in range
-    images = [render_scene(SyntheticSpec(height=s.height, width=s.width), seed)[0] for seed in range(8)]
-    variants = {"plain": ((1.0,), False, None), "ms-flip": (DEFAULT_SCALES, True, None),
-                "ms-flip-crf": (DEFAULT_SCALES, True, CRFParams())}
-    precision = "bf16 autocast" if device == "cuda" else "fp32"
-    rates: dict[str, float] = {}
-    for key, (scales, flip, crf) in variants.items():
-        def run(i: int, scales=scales, flip=flip, crf=crf) -> None:
-            batch = [images[(i * s.batch + j) % len(images)] for j in range(s.batch)]
-            model_stage_outputs(model, batch, scales, flip, crf=crf)
-
-        run(0)  # warm-up: kernels for these sizes
-        with peak_memory(device) as peak_mib:
-            start, done = time.perf_counter(), 0
-            while done < s.images[key] and (done == 0 or time.perf_counter() - start < s.max_timed_s):
-                run(done // s.batch)
-                done += s.batch
-            seconds = time.perf_counter() - start  # synchronised: results reach the host
-            mib = peak_mib()
-        rates[key] = done / seconds
-        note = f"{done} images, {precision} (predict_probs' default), probabilities to the host as ModelStage"
-        if key != "plain":
-            note += f"; {rates['plain'] / rates[key]:.1f}x the plain cost"
-        if crf is not None:
-            note += f"; CRF adds {1e3 * (1 / rates[key] - 1 / rates['ms-flip']):.0f} ms/image"
-        record({"type": "row", "key": key, "status": "ok", "images_per_s": rates[key], "ms": 1e3 * seconds / done,
-                "peak_mib": mib, "note": note})
-        log(f"segment {key}: {rates[key]:.2f} images/s")
-
-
-def worker_profile(cfg: Config, record: Recorder) -> None:
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from bench.gpu_path import prepare_for_training, synthetic_batch, train_iteration
-    from deeplab_core.losses import SegmentationLoss
-
-    device = cfg.device
-    model = prepare_for_training(cfg.profile_model.build(), device, channels_last=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    images, masks = (t.to(device) for t in synthetic_batch(cfg.profile_batch, cfg.profile_crop, cfg.profile_crop))
-    step = {"bf16": True, "channels_last": True, "criterion": SegmentationLoss()}
-    for _ in range(2):
-        train_iteration(model, images, masks, optimizer, **step)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(3):
-            train_iteration(model, images, masks, optimizer, **step)
-        _synchronize(device)
-    sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=30)
-    out_dir = Path(cfg.out_dir or ROOT / "outputs")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "gpu_suite_profile.txt"
-    path.write_text(f"{cfg.profile_model.name}, {cfg.profile_crop}x{cfg.profile_crop}, batch {cfg.profile_batch}, "
-                    f"3 training steps after 2 warm-up, sorted by {sort}\n\n{table}\n")
-    events = prof.key_averages()
-    total = sum(getattr(e, sort) for e in events) or 1
-    top = max(events, key=lambda e: getattr(e, sort))
-    record({"type": "row", "key": "profile", "status": "ok", "note": f"key_averages table in {path.name} "
-            f"({'$OUT' if cfg.out_dir else path}); top op by {sort}: {top.key} "
-            f"({100 * getattr(top, sort) / total:.0f} %)"})
-
-
-WORKERS: dict[str, Callable[[Config, Recorder], None]] = {
-    "train": worker_train, "ray": worker_ray, "segment": worker_segment, "profile": worker_profile,
-}
-
-
-def run_worker(names: str, config_path: str, results_path: str) -> int:
-    """Runs the named parts in turn, announcing each (the parent times them). Exit status 3 after
-    a part raised: the parent continues in a fresh process."""
-    import traceback
-
-    import torch
-
-    cfg = config_from_json(json.loads(Path(config_path).read_text()))
-    if cfg.device == "cpu":
-        torch.set_num_threads(cfg.threads)
-    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-    record = Recorder(Path(results_path))
-    record(environment(cfg.device))
-    for name in names.split(","):
-        record({"type": "start", "part": name, "time": time.time()})
-        try:
-            WORKERS[name](cfg, record)
-        except Exception as err:  # noqa: BLE001 - reported as the part's rows, then a fresh process
-            traceback.print_exc()
-            record({"type": "error", "part": name, "message": f"{type(err).__name__}: {err}"[:300]})
-            return 3
-        record({"type": "end", "part": name, "time": time.time()})
-    return 0
-
-
 # --------------------------------------------------------------------------- report
 
 
@@ -797,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker:
+        from bench.gpu_suite_workers import run_worker
+
         return run_worker(args.worker, args.config, args.results)
     if args.from_json:
         section_from_json(args.from_json, args.output or "docs/benchmarks.md")

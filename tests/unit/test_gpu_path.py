@@ -164,7 +164,7 @@ def test_model_stage_replica_matches_job_stage(device: str) -> None:
     images = _images(setup, 2)
     model = prime_batchnorm(setup.model().to(device), synthetic_batch(4, *setup.image_hw)[0].to(device))
     plan = stages.InferencePlan(num_classes=21, mean=IMAGENET_MEAN, std=IMAGENET_STD, scales=(0.5, 1.0), flip=True,
-                                fusion="mean", max_pixels=None, crf=True, crf_params=CRFParams(), table=False,
+                                fusion="mean", max_pixels=None, crf=True, crf_params=CRFParams(), crf_backend="pydensecrf", table=False,
                                 score=False, overlays=False, max_input_pixels=10**8, storage_options=None)
     n = len(images)
     batch = {stages.ID: np.array(["a", "b"], dtype=object), stages.URI: np.array(["", ""], dtype=object),

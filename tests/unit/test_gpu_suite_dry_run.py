@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import gpu_suite
+from bench import gpu_suite, gpu_suite_config
 
 ROOT = Path(__file__).resolve().parents[2]
 # Written out here rather than taken from gpu_suite, so a row that disappears fails the test.
@@ -86,13 +86,13 @@ def test_docs_are_not_written_without_output() -> None:
 
 
 def test_checks_list_matches_the_test_file() -> None:
-    tree = ast.parse((ROOT / gpu_suite.CHECKS_FILE).read_text())  # parsed, not imported: no torch start-up
+    tree = ast.parse((ROOT / gpu_suite_config.CHECKS_FILE).read_text())  # parsed, not imported: no torch start-up
     tests = {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
-    assert tests == set(gpu_suite.CHECKS)
+    assert tests == set(gpu_suite_config.CHECKS)
 
 
 def test_a_part_over_its_budget_is_killed_and_reported(tmp_path: Path) -> None:
-    rows = [gpu_suite.Row("x", "a", "a row")]
+    rows = [gpu_suite_config.Row("x", "a", "a row")]
     start = time.perf_counter()
     outcome, _ = gpu_suite.run_part([sys.executable, "-c", "import time; time.sleep(60)"], 1.0, dict(os.environ), None)
     assert outcome == "timeout" and time.perf_counter() - start < 15
@@ -101,11 +101,11 @@ def test_a_part_over_its_budget_is_killed_and_reported(tmp_path: Path) -> None:
 
 
 def test_peak_table_prefers_the_specific_name() -> None:
-    assert gpu_suite.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.5
-    assert gpu_suite.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.4
-    assert gpu_suite.peak_bf16_tflops("NVIDIA H200") == 989.4
-    assert gpu_suite.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert gpu_suite.peak_bf16_tflops("Tesla V100-SXM2-16GB") is None
+    assert gpu_suite_config.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.5
+    assert gpu_suite_config.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert gpu_suite_config.peak_bf16_tflops("NVIDIA H200") == 989.4
+    assert gpu_suite_config.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu_suite_config.peak_bf16_tflops("Tesla V100-SXM2-16GB") is None
 
 
 def test_a_measuring_part_over_budget_is_killed_and_the_next_part_still_runs(tmp_path: Path,
@@ -115,9 +115,9 @@ def test_a_measuring_part_over_budget_is_killed_and_the_next_part_still_runs(tmp
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.delenv("OUT", raising=False)
-    cfg = gpu_suite.make_config(gpu_suite.parse_args(["--device", "cpu", "--dry-run"]))
+    cfg = gpu_suite_config.make_config(gpu_suite.parse_args(["--device", "cpu", "--dry-run"]))
     cfg = dataclasses.replace(cfg, budgets={**cfg.budgets, "train": 0.3})
-    parts = [p for p in gpu_suite.expected_rows(cfg, "skipped: test", profile=False) if p.name in ("train", "segment")]
+    parts = [p for p in gpu_suite_config.expected_rows(cfg, "skipped: test", profile=False) if p.name in ("train", "segment")]
     gpu_suite.run_bench_parts(parts, cfg, time.perf_counter() + 240, tmp_path, None)
     train, segment = parts
     assert [r.status for r in train.rows] == ["timeout", "timeout"], [r.note for r in train.rows]
