@@ -24,8 +24,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (`ray job submit ... python pipelines/import_weights.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common.config import ConfigError, flag_labels, load_config  # noqa: E402
-from pipelines.common.errors import EXIT_USAGE, InputError  # noqa: E402
+from pipelines.common.cli import add_common_flags, run_main  # noqa: E402
+from pipelines.common.config import flag_labels, load_config  # noqa: E402
 from pipelines.promotion.importing import (  # noqa: E402
     IMPORTERS,
     ImportWeightsConfig,
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (option, metavar) in FLAGS.items():
         parser.add_argument(option, dest=name, metavar=metavar, default=None,
                             type=int if name == "output_stride" else str, help=_help(name))
+    add_common_flags(parser)
     return parser
 
 
@@ -82,14 +83,13 @@ def config_from_args(args: argparse.Namespace) -> ImportWeightsConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        result = import_weights(cfg)
-    except (ConfigError, InputError) as err:
-        print(f"import_weights: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    print(json.dumps(result.summary()), flush=True)
-    return 0
+
+    def body() -> int:
+        result = import_weights(config_from_args(args))
+        print(json.dumps(result.summary()), flush=True)
+        return 0
+
+    return run_main("import_weights.py", body, debug=args.debug, argv=argv)
 
 
 if __name__ == "__main__":

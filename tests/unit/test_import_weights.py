@@ -66,7 +66,7 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def error_line(err: str) -> str:
     """The one line the CLI prints for a refusal (progress lines start with [import])."""
-    lines = [line for line in err.splitlines() if line.startswith("import_weights: error: ")]
+    lines = [line for line in err.splitlines() if line.startswith("import_weights.py: error: ")]
     assert len(lines) == 1, err
     return lines[0]
 
