@@ -17,8 +17,10 @@ _RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune")
 def quiet_mlflow() -> None:
     """MLflow logs at INFO by default ("Creating initial MLflow database tables...", alembic's
     migrations); the jobs print what matters themselves. The caller's MLFLOW_LOGGING_LEVEL wins."""
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
+    level = getattr(logging, os.environ["MLFLOW_LOGGING_LEVEL"].upper(), logging.WARNING)
+    for name in ("mlflow", "alembic"):  # already imported: mlflow set its own level then
+        logging.getLogger(name).setLevel(level)
 
 
 def quiet_ray(verbose: bool = False) -> None:
