@@ -6,9 +6,10 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
-from deeplab_core.constants import DEFAULT_SCALES, CRFParams
+from deeplab_core.constants import DEFAULT_SCALES
 from pipelines.common.config import Section
 from pipelines.data.decode import DEFAULT_MAX_PIXELS
+from pipelines.segmentation.crf_settings import CRFSettings
 from pipelines.segmentation.io import parse_time
 
 DEFAULT_EXPERIMENT = "deeplab-segmentation"
@@ -29,7 +30,9 @@ class SegmentConfig(Section):
     max_pixels: int | None = Field(None, gt=0, description="memory budget: largest scaled image run whole; "
                                                            "bigger ones are tiled")
     crf: bool = Field(True, description="dense CRF")
-    crf_params: CRFParams = Field(default_factory=CRFParams)
+    # Fields left unset come from the model version's tuned set (tags written by
+    # pipelines/tune_crf.py) when the model is a models:/ URI, else from CRFParams' defaults.
+    crf_params: CRFSettings = Field(default_factory=CRFSettings)
     overlays: bool = Field(False, description="also write colour overlays (overlays/<id>.jpg)")
     overlay_alpha: float = Field(0.5, ge=0, le=1)
     batch_size: int = Field(4, ge=1)

@@ -21,9 +21,11 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
 
+from deeplab_core.constants import CRFParams
 from pipelines import tracking
 from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.data.storage import absolute_uri, join_uri
+from pipelines.segmentation import crf_settings
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     ERRORS_DIR,
@@ -95,11 +97,15 @@ def _since(cfg: SegmentConfig, state: Mapping[str, Any]) -> datetime | None:
     return parse_time(cfg.since)
 
 
-def make_plan(cfg: SegmentConfig, model, meta: Mapping[str, Any], *, table: bool, score: bool) -> InferencePlan:
+def make_plan(cfg: SegmentConfig, model, meta: Mapping[str, Any], *, table: bool, score: bool,
+              crf_params: CRFParams | None = None) -> InferencePlan:
+    """The plan; `crf_params` None: the config's own fields over the defaults (no tuned set)."""
     mean, std = normalisation_of(meta)
+    if crf_params is None:
+        crf_params, _ = crf_settings.resolve(cfg.crf_params, None)
     return InferencePlan(
         num_classes=num_classes_of(model), mean=mean, std=std, scales=tuple(cfg.scales), flip=cfg.flip,
-        fusion=cfg.fusion, max_pixels=cfg.max_pixels, crf=cfg.crf, crf_params=cfg.crf_params,
+        fusion=cfg.fusion, max_pixels=cfg.max_pixels, crf=cfg.crf, crf_params=crf_params,
         table=table, score=score, overlays=cfg.overlays, max_input_pixels=cfg.max_input_pixels,
         storage_options=cfg.storage_options,
     )
@@ -120,8 +126,17 @@ def resolve_model(uri: str) -> str:
     return tracking.resolve_model_uri(uri) if tracking.is_registry_uri(uri) else absolute_uri(uri)
 
 
-def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model_uri: str,
-             write: WriteSpec) -> tuple[Tally, dict | None, str | None]:
+def choose_crf_params(cfg: SegmentConfig, model_uri: str) -> tuple[CRFParams, str]:
+    """The CRF parameters of the run and their source: a registered version's tuned set (tags
+    from pipelines/tune_crf.py) under the user's explicit fields, else defaults + explicit."""
+    tuned = None
+    if model_uri.startswith("models:/"):
+        tuned = crf_settings.tuned_from_tags(tracking.model_version_tags(model_uri))
+    return crf_settings.resolve(cfg.crf_params, tuned)
+
+
+def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model_uri: str, write: WriteSpec,
+             crf_params: CRFParams) -> tuple[Tally, dict | None, str | None]:
     """Runs the stages over `todo`: the tally, and the evaluation (metrics, table) with --eval."""
     import ray
 
@@ -132,7 +147,7 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model_uri: str,
     if cfg.evaluate and not evaluate:
         print("[segment] --eval: no ground-truth masks among the inputs (use a manifest with "
               "mask_uri); no evaluation", flush=True)
-    plan = make_plan(cfg, model, meta, table=evaluate, score=False)
+    plan = make_plan(cfg, model, meta, table=evaluate, score=False, crf_params=crf_params)
     gpu = use_gpu(cfg.device)
     print(f"[segment] model {model_uri} ({plan.num_classes} classes) on {'GPU' if gpu else 'CPU'}; "
           f"scales {format_scales(cfg.scales)}, flip {cfg.flip}, CRF {cfg.crf}", flush=True)
@@ -142,7 +157,7 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model_uri: str,
     tally = consume(ds, len(todo), cfg.progress_every_s)
     if not evaluate:
         return tally, None, None
-    evaluation, table = evaluation_table(tally, cfg, tally.scored)
+    evaluation, table = evaluation_table(tally, cfg, tally.scored, crf_params.iterations)
     return tally, evaluation, table
 
 
@@ -171,11 +186,16 @@ def _run(cfg: SegmentConfig) -> SegmentReport:
           flush=True)
 
     model_uri = resolve_model(cfg.model)
-    write = WriteSpec(cfg.output, run_id, model_uri, cfg.crf, cfg.overlays, cfg.overlay_alpha, options)
+    crf_params, crf_source = choose_crf_params(cfg, model_uri)
+    if cfg.crf or cfg.evaluate:
+        print(f"[segment] CRF parameters ({crf_source}): {crf_settings.params_json(crf_params)}", flush=True)
+    write = WriteSpec(cfg.output, run_id, model_uri, cfg.crf, cfg.overlays, cfg.overlay_alpha, options,
+                      crf_source=crf_source, crf_params=crf_settings.params_json(crf_params))
     if listing.errors:
         rows = [error_row(e, run_id, model_uri) for e in listing.errors]
         write_parts(cfg.output, run_id, rows, listing.errors, options)
-    tally, evaluation, table = _segment(cfg, todo, model_uri, write) if todo else (Tally(), None, None)
+    tally, evaluation, table = (_segment(cfg, todo, model_uri, write, crf_params) if todo
+                                else (Tally(), None, None))
 
     previous = parse_time(state["watermark"]) if state.get("watermark") else None
     watermark = _newest(listing.watermark, previous)
@@ -188,6 +208,7 @@ def _run(cfg: SegmentConfig) -> SegmentReport:
         seconds=time.monotonic() - started, stage_seconds=dict(tally.seconds),
         errors_by_stage=errors_by_stage, evaluation=evaluation, table=table,
         watermark=watermark.isoformat() if watermark else None,
+        crf_source=crf_source if cfg.crf else None, crf_params=asdict(crf_params) if cfg.crf else None,
     )
     last_run = {k: v for k, v in asdict(report).items() if k not in ("evaluation", "table")}
     write_state(cfg.output, report.watermark, last_run, options)
@@ -198,17 +219,18 @@ def _run(cfg: SegmentConfig) -> SegmentReport:
     if table:
         print("\n" + table + "\n", flush=True)
     if cfg.tracking_uri:
-        print(f"[segment] logged to MLflow run {log_run(cfg, report)}", flush=True)
+        print(f"[segment] logged to MLflow run {log_run(cfg, report, crf_params, crf_source)}", flush=True)
     return report
 
 
-def log_run(cfg: SegmentConfig, report: SegmentReport) -> str:
-    """The run in MLflow: params, counts, the evaluation metrics and table, the summary."""
+def log_run(cfg: SegmentConfig, report: SegmentReport, crf_params: CRFParams, crf_source: str) -> str:
+    """The run in MLflow: params (with the CRF set used and its source), counts, the evaluation
+    metrics and table, the summary."""
     params = {
         "model": cfg.model, "model_resolved": report.model_uri, "input": cfg.input, "output": cfg.output,
         "scales": format_scales(cfg.scales), "flip": cfg.flip, "fusion": cfg.fusion, "crf": cfg.crf,
         "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size, "since": cfg.since,
-        **{f"crf_{k}": v for k, v in asdict(cfg.crf_params).items()},
+        "crf_source": crf_source, **{f"crf_{k}": v for k, v in asdict(crf_params).items()},
     }
     metrics = {"images_read": report.read, "images_ok": report.ok, "images_errors": report.errors,
                "images_skipped": report.skipped, "images_per_s": report.images_per_s, "seconds": report.seconds}
