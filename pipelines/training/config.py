@@ -74,9 +74,12 @@ class DataSection(Section):
 
 
 class OptimSection(Section):
+    # sgd (momentum) is the papers' choice for ImageNet-initialised backbones; adamw learns a
+    # randomly initialised one several times faster (docs/data.md, "Demo calibration").
+    name: Literal["sgd", "adamw"] = "sgd"
     base_lr: float = Field(0.007, gt=0)  # at the global batch below (v3/v3+ papers)
     head_lr_mult: float = 10.0
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-4
     batch_size: int = Field(8, ge=1)  # global, across workers and accumulation steps
     grad_accum: int = Field(1, ge=1)
