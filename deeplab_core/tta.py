@@ -15,6 +15,7 @@ image size or scale.
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import nullcontext
 from typing import Sequence
@@ -26,6 +27,34 @@ from torch import nn
 from deeplab_core.constants import DEFAULT_SCALES
 
 TILE_OVERLAP = 1 / 3  # fraction of a tile shared with its neighbour (mmseg/DeepLab slide default)
+# Below this many feature cells along the short side (scaled size / output stride) a scale mostly
+# adds blur: ASPP's rates and image pooling see padding, and the fused average gets worse.
+MIN_FEATURE_CELLS = 4
+
+log = logging.getLogger(__name__)
+_warned: set[tuple[int, int, float, int]] = set()
+
+
+def warn_small_scales(model: nn.Module, height: int, width: int, scales: Sequence[float]) -> list[float]:
+    """The scales at which an image of `height` x `width` gives the model fewer than
+    MIN_FEATURE_CELLS feature cells on its short side; logged once per (size, scale, stride).
+    The output stride is the model's `config["output_stride"]` (models without one: not checked)."""
+    stride = (getattr(model, "config", None) or {}).get("output_stride")
+    if not stride:
+        return []
+    small = []
+    for scale in scales:
+        short = min(_scaled_size(height, width, scale))
+        if short / stride < MIN_FEATURE_CELLS:
+            small.append(scale)
+            key = (height, width, float(scale), int(stride))
+            if key not in _warned:
+                _warned.add(key)
+                log.warning("TTA scale %g shrinks %dx%d images to a short side of %d px = %.1f feature "
+                            "cells at output stride %d (< %d): this scale can lower the fused result; "
+                            "drop it or use larger scales (docs/segmentation.md, 'Choosing test scales')",
+                            scale, height, width, short, short / stride, stride, MIN_FEATURE_CELLS)
+    return small
 
 
 def _forward_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -120,6 +149,7 @@ def predict_probs(
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if autocast else nullcontext()
 
     height, width = images.shape[-2:]
+    warn_small_scales(model, height, width, scales)
     was_training = model.training
     model.eval()
     fused: torch.Tensor | None = None

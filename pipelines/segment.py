@@ -8,7 +8,9 @@
 Every setting is a field of SegmentConfig (pipelines/segmentation/config.py): from a YAML file
 (--config), the flags below, and `key=value` overrides, later ones winning. Re-running is safe:
 finished images (an ok results row and its mask) are skipped. Storage credentials come from the
-environment (AWS_* variables, instance roles). See docs/segmentation.md.
+environment (AWS_* variables, instance roles). With a models:/ URI, the dense CRF uses the
+version's tuned parameters (pipelines/tune_crf.py) unless --crf-* flags or crf_params.* say
+otherwise. See docs/segmentation.md.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from pipelines.segmentation.config import SegmentConfig  # noqa: E402
 # flag -> config field; the defaults and help texts are the config's own.
 FLAGS = ("model", "input", "output", "fusion", "max_pixels", "batch_size", "num_model_actors",
          "cpus_per_model_actor", "crf_workers", "crf_backend", "device", "since", "tracking_uri", "experiment")
+
+
+# CRF kernel flags; unset ones come from the version's tuned set (pipelines/tune_crf.py) or defaults.
+CRF_FLAGS = {"bi_w": "bilateral weight", "bi_xy_std": "bilateral xy width",
+             "bi_rgb_std": "bilateral RGB width", "pos_w": "Gaussian weight", "pos_xy_std": "Gaussian xy width"}
 
 
 def _scales(text: str) -> tuple[float, ...]:
@@ -53,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flip", dest="flip", action="store_const", const=False, default=None, help="no horizontal-flip averaging")
     p.add_argument("--crf", dest="crf", action=argparse.BooleanOptionalAction, default=None, help=_help("crf"))
     p.add_argument("--crf-iterations", type=int, default=None, help="mean-field iterations of the dense CRF")
+    for name, what in CRF_FLAGS.items():
+        p.add_argument("--crf-" + name.replace("_", "-"), dest="crf_" + name, type=float, default=None,
+                       help=f"dense CRF {what} (overrides a registered version's tuned value)")
     p.add_argument("--overlays", action="store_const", const=True, default=None, help=_help("overlays"))
     p.add_argument("--eval", dest="evaluate", action="store_const", const=True, default=None, help=_help("evaluate"))
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any input ended as an error")
@@ -63,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> SegmentConfig:
     values = {name: getattr(args, name) for name in (*FLAGS, "scales", "flip", "crf", "overlays", "evaluate")
               if getattr(args, name) is not None}
-    if args.crf_iterations is not None:
-        values["crf_params"] = {"iterations": args.crf_iterations}
+    crf = {name: getattr(args, "crf_" + name) for name in ("iterations", *CRF_FLAGS)}
+    crf = {name: value for name, value in crf.items() if value is not None}
+    if crf:
+        values["crf_params"] = crf
     return load_config(SegmentConfig, args.config, args.overrides, values, flag_labels(values))
 
 

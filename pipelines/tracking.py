@@ -290,3 +290,40 @@ def register_imported_model(tracking_uri: str, experiment: str, run_name: str, m
         raise
     client.set_terminated(run_id, "FINISHED")
     return run_id, version
+
+
+# --------------------------------------------------------------------------- CRF tuning
+
+
+def _version_of(model_uri: str) -> tuple[str, str]:
+    """`models:/name/<version>` -> (name, version); aliases must be resolved first."""
+    match = re.fullmatch(r"models:/([^/@]+)/(\d+)", model_uri)
+    if match is None:
+        raise ValueError(f"expected models:/<name>/<version>, got {model_uri!r}")
+    return match.group(1), match.group(2)
+
+
+def model_version_tags(model_uri: str) -> dict[str, str]:
+    """The tags of the registered version `models:/name/<version>` (current tracking URI)."""
+    import mlflow
+
+    name, version = _version_of(model_uri)
+    return dict(mlflow.MlflowClient().get_model_version(name, version).tags or {})
+
+
+def set_model_version_tags(model_uri: str, tags: Mapping[str, str]) -> None:
+    """Tags on the registered version `models:/name/<version>` (current tracking URI)."""
+    import mlflow
+
+    name, version = _version_of(model_uri)
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def log_tuning_run(experiment: str, run_name: str, params: Mapping[str, Any], metrics: Mapping[str, float],
+                   trials: list[dict[str, Any]], table: str) -> str:
+    """A finished tuning run: params, the best/default scores as metrics, every trial as
+    `trials.json` and a Markdown `trials.md` table. Returns its id."""
+    return log_finished_run(experiment, run_name, params, metrics, texts={"trials.md": table},
+                            dicts={"trials.json": {"trials": trials}})

@@ -6,8 +6,9 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
-from deeplab_core.constants import DEFAULT_SCALES, CRFParams
+from deeplab_core.constants import DEFAULT_SCALES
 from pipelines.common.config import Section
+from pipelines.segmentation.crf_settings import CRFSettings
 from pipelines.segmentation.io import parse_time
 
 DEFAULT_EXPERIMENT = "deeplab-segmentation"
@@ -34,7 +35,9 @@ class SegmentConfig(Section):
     max_pixels: int | None = Field(DEFAULT_TILE_PIXELS, gt=0, description="memory budget: largest scaled "
                                    "image run whole (pixels); bigger ones are tiled")
     crf: bool = Field(True, description="dense CRF")
-    crf_params: CRFParams = Field(default_factory=CRFParams)
+    # Fields left unset come from the model version's tuned set (tags written by
+    # pipelines/tune_crf.py) when the model is a models:/ URI, else from CRFParams' defaults.
+    crf_params: CRFSettings = Field(default_factory=CRFSettings)
     crf_backend: Literal["auto", "pydensecrf", "torch"] = Field(
         "auto", description="auto: the torch CRF inside the model actor on GPU clusters, pydensecrf CPU tasks "
                             "otherwise (faster on CPU, bench/crf.py)")

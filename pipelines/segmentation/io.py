@@ -72,6 +72,9 @@ RESULTS_SCHEMA = pa.schema([
     ("run_id", pa.string()),
     ("model_uri", pa.string()),
     ("finished_at", pa.timestamp("us", tz="UTC")),
+    # Added with CRF tuning: which CRF set refined the mask (null in older parts, or no CRF).
+    ("crf_source", pa.string()),
+    ("crf_params", pa.string()),
 ])
 
 
@@ -138,6 +141,14 @@ def _list_files(uri: str, storage_options, suffix: str) -> list[str]:
         return []
 
 
+def _conform(table: pa.Table) -> pa.Table:
+    """A results part in RESULTS_SCHEMA; columns added since it was written become nulls."""
+    for field in RESULTS_SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
+    return table.select(RESULTS_SCHEMA.names).cast(RESULTS_SCHEMA)
+
+
 def read_results(output: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
     """All results rows under ``<output>/results/``, one per id (the latest ``finished_at`` wins).
 
@@ -151,7 +162,7 @@ def read_results(output: str, storage_options: Mapping[str, Any] | None = None) 
     for path in _list_files(join_uri(output, RESULTS_DIR), storage_options, ".parquet"):
         try:
             with fs.open(path, "rb") as f:
-                tables.append(_conformed(pq.read_table(f)))
+                tables.append(_conform(pq.read_table(f)))
         except Exception as err:  # noqa: BLE001 - an unreadable part only costs a redo
             log.warning("skipping unreadable results part %s: %s", path, type(err).__name__)
     if not tables:
@@ -161,14 +172,6 @@ def read_results(output: str, storage_options: Mapping[str, Any] | None = None) 
     ids = table.column("id").to_numpy(zero_copy_only=False)
     last_of_id = np.append(ids[1:] != ids[:-1], True)
     return table.filter(pa.array(last_of_id))
-
-
-def _conformed(table: pa.Table) -> pa.Table:
-    """A results part in the current schema; columns added since it was written become nulls."""
-    for name in RESULTS_SCHEMA.names:
-        if name not in table.column_names:
-            table = table.append_column(name, pa.nulls(table.num_rows, RESULTS_SCHEMA.field(name).type))
-    return table.select(RESULTS_SCHEMA.names).cast(RESULTS_SCHEMA)
 
 
 def finished_ids(output: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
@@ -223,6 +226,7 @@ def error_row(error: ErrorRecord, run_id: str, model_uri: str) -> dict:
         "id": error.id, "uri": error.uri, "output_uri": None, "overlay_uri": None, "status": STATUS_ERROR,
         "classes": [], "seconds_decode": 0.0, "seconds_model": None, "seconds_crf": None,
         "crf_backend": None, "run_id": run_id, "model_uri": model_uri, "finished_at": datetime.now(timezone.utc),
+        "crf_source": None, "crf_params": None,
     }
 
 

@@ -22,10 +22,12 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from typing import Any
 
+from deeplab_core.constants import CRFParams
 from pipelines import tracking
 from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.common.errors import InputError
 from pipelines.data.storage import absolute_uri, check_access, join_uri, redact_urls
+from pipelines.segmentation import crf_settings
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     ERRORS_DIR,
@@ -106,11 +108,14 @@ def crf_backend_for(setting: str, gpu: bool) -> str:
 
 
 def make_plan(cfg: SegmentConfig, model, meta: Mapping[str, Any], *, table: bool, score: bool,
-              gpu: bool = False) -> InferencePlan:
+              gpu: bool = False, crf_params: CRFParams | None = None) -> InferencePlan:
+    """The plan; `crf_params` None: the config's own fields over the defaults (no tuned set)."""
     mean, std = normalisation_of(meta, model)
+    if crf_params is None:
+        crf_params, _ = crf_settings.resolve(cfg.crf_params, None)
     return InferencePlan(
         num_classes=num_classes_of(model), mean=mean, std=std, scales=tuple(cfg.scales), flip=cfg.flip,
-        fusion=cfg.fusion, max_pixels=cfg.max_pixels, crf=cfg.crf, crf_params=cfg.crf_params,
+        fusion=cfg.fusion, max_pixels=cfg.max_pixels, crf=cfg.crf, crf_params=crf_params,
         crf_backend=crf_backend_for(cfg.crf_backend, gpu),
         table=table, score=score, overlays=cfg.overlays, max_input_pixels=cfg.max_input_pixels,
         storage_options=cfg.storage_options,
@@ -145,6 +150,15 @@ def _model_errors(uri: str) -> Iterator[None]:
         raise InputError(f"cannot load model {redact_urls(uri)}: {reason}") from None
 
 
+def choose_crf_params(cfg: SegmentConfig, model_uri: str) -> tuple[CRFParams, str]:
+    """The CRF parameters of the run and their source: a registered version's tuned set (tags
+    from pipelines/tune_crf.py) under the user's explicit fields, else defaults + explicit."""
+    tuned = None
+    if model_uri.startswith("models:/"):
+        tuned = crf_settings.tuned_from_tags(tracking.model_version_tags(model_uri))
+    return crf_settings.resolve(cfg.crf_params, tuned)
+
+
 def load_checked_model(uri: str, storage_options: Mapping[str, Any] | None,
                        load: bool = True) -> tuple[str, Any, dict]:
     """(pinned URI, model, meta); with `load=False` only the URI is checked and pinned."""
@@ -157,7 +171,7 @@ def load_checked_model(uri: str, storage_options: Mapping[str, Any] | None,
 
 
 def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping[str, Any], model_uri: str,
-             write: WriteSpec) -> tuple[Tally, dict | None, str | None, str | None]:
+             write: WriteSpec, crf_params: CRFParams) -> tuple[Tally, dict | None, str | None, str | None]:
     """Runs the stages over `todo`: the tally, the evaluation (metrics, table) with --eval, and
     the CRF backend that ran."""
     import ray
@@ -167,7 +181,7 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping
         print("[segment] --eval: no ground-truth masks among the inputs (use a manifest with "
               "mask_uri); no evaluation", flush=True)
     gpu = use_gpu(cfg.device)
-    plan = make_plan(cfg, model, meta, table=evaluate, score=False, gpu=gpu)
+    plan = make_plan(cfg, model, meta, table=evaluate, score=False, gpu=gpu, crf_params=crf_params)
     write = replace(write, crf_backend=plan.crf_backend)
     crf = f"CRF {plan.crf_backend}" + (" (in the model actor)" if plan.crf_in_model else "") if plan.run_crf else "no CRF"
     print(f"[segment] model {model_uri} ({plan.num_classes} classes) on {'GPU' if gpu else 'CPU'}; "
@@ -179,7 +193,7 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping
     backend = plan.crf_backend if plan.run_crf else None
     if not evaluate:
         return tally, None, None, backend
-    evaluation, table = evaluation_table(tally, cfg, tally.scored)
+    evaluation, table = evaluation_table(tally, cfg, tally.scored, crf_params.iterations)
     return tally, evaluation, table, backend
 
 
@@ -211,13 +225,18 @@ def _run(cfg: SegmentConfig, verbose: bool) -> SegmentReport:
           flush=True)
 
     model_uri, model, meta = load_checked_model(cfg.model, options, load=bool(todo))
-    write = WriteSpec(cfg.output, run_id, model_uri, cfg.crf, cfg.overlays, cfg.overlay_alpha, options)
+    with _model_errors(cfg.model):  # the version's tuned CRF set is read from the registry
+        crf_params, crf_source = choose_crf_params(cfg, model_uri)
+    if todo and (cfg.crf or cfg.evaluate):
+        print(f"[segment] CRF parameters ({crf_source}): {crf_settings.params_json(crf_params)}", flush=True)
+    write = WriteSpec(cfg.output, run_id, model_uri, cfg.crf, cfg.overlays, cfg.overlay_alpha, options,
+                      crf_source=crf_source, crf_params=crf_settings.params_json(crf_params))
     if listing.errors:
         rows = [error_row(e, run_id, model_uri) for e in listing.errors]
         write_parts(cfg.output, run_id, rows, listing.errors, options)
     if todo:
         ensure_ray(verbose=verbose)
-        tally, evaluation, table, crf_backend = _segment(cfg, todo, model, meta, model_uri, write)
+        tally, evaluation, table, crf_backend = _segment(cfg, todo, model, meta, model_uri, write, crf_params)
     else:
         tally, evaluation, table, crf_backend = Tally(), None, None, None
 
@@ -232,6 +251,7 @@ def _run(cfg: SegmentConfig, verbose: bool) -> SegmentReport:
         seconds=time.monotonic() - started, stage_seconds=dict(tally.seconds),
         errors_by_stage=errors_by_stage, evaluation=evaluation, table=table,
         watermark=watermark.isoformat() if watermark else None, crf_backend=crf_backend,
+        crf_source=crf_source if cfg.crf else None, crf_params=asdict(crf_params) if cfg.crf else None,
     )
     last_run = {k: v for k, v in asdict(report).items() if k not in ("evaluation", "table")}
     write_state(cfg.output, report.watermark, last_run, options)
@@ -242,18 +262,19 @@ def _run(cfg: SegmentConfig, verbose: bool) -> SegmentReport:
     if table:
         print("\n" + table + "\n", flush=True)
     if cfg.tracking_uri and (todo or listing.errors):  # a tick with nothing to do leaves no MLflow run
-        print(f"[segment] logged to MLflow run {log_run(cfg, report)}", flush=True)
+        print(f"[segment] logged to MLflow run {log_run(cfg, report, crf_params, crf_source)}", flush=True)
     return report
 
 
-def log_run(cfg: SegmentConfig, report: SegmentReport) -> str:
-    """The run in MLflow: params, counts, the evaluation metrics and table, the summary."""
+def log_run(cfg: SegmentConfig, report: SegmentReport, crf_params: CRFParams, crf_source: str) -> str:
+    """The run in MLflow: params (with the CRF set used and its source), counts, the evaluation
+    metrics and table, the summary."""
     params = {
         "model": cfg.model, "model_resolved": report.model_uri, "input": cfg.input, "output": cfg.output,
         "scales": format_scales(cfg.scales), "flip": cfg.flip, "fusion": cfg.fusion, "crf": cfg.crf,
         "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size, "since": cfg.since,
         "crf_backend": report.crf_backend,
-        **{f"crf_{k}": v for k, v in asdict(cfg.crf_params).items()},
+        "crf_source": crf_source, **{f"crf_{k}": v for k, v in asdict(crf_params).items()},
     }
     metrics = {"images_read": report.read, "images_ok": report.ok, "images_errors": report.errors,
                "images_skipped": report.skipped, "images_per_s": report.images_per_s, "seconds": report.seconds}

@@ -96,6 +96,8 @@ class SegmentReport:
     table: str | None = None
     watermark: str | None = None
     crf_backend: str | None = None  # the CRF that ran (None: no CRF)
+    crf_source: str | None = None  # where the CRF parameters came from (None: no CRF on the masks)
+    crf_params: dict | None = None
 
     def __post_init__(self) -> None:
         if self.read != self.ok + self.errors + self.skipped:
@@ -128,7 +130,8 @@ def evaluation_rows(cfg: SegmentConfig) -> list[tuple[str, str, bool, bool, str]
     ]
 
 
-def evaluation_table(tally: Tally, cfg: SegmentConfig, images: int) -> tuple[dict[str, dict], str]:
+def evaluation_table(tally: Tally, cfg: SegmentConfig, images: int,
+                     crf_iterations: int) -> tuple[dict[str, dict], str]:
     """Metrics per variant and the Markdown table (mIoU, pixel accuracy) for --eval."""
     from deeplab_core.metrics import segmentation_metrics
 
@@ -139,7 +142,7 @@ def evaluation_table(tally: Tally, cfg: SegmentConfig, images: int) -> tuple[dic
     for name, scales, flip, crf, column in evaluation_rows(cfg):
         result = segmentation_metrics(tally.cms[column])
         metrics[name] = result
-        crf_text = f"yes ({cfg.crf_params.iterations} it)" if crf else "no"
+        crf_text = f"yes ({crf_iterations} it)" if crf else "no"
         lines.append(f"| {name} | {scales} | {'yes' if flip else 'no'} | {crf_text} | "
                      f"{100 * result['mIoU']:.2f} | {100 * result['pixel_acc']:.2f} | {images} |")
     return metrics, "\n".join(lines)

@@ -355,6 +355,8 @@ class WriteSpec:
     overlay_alpha: float
     storage_options: Mapping[str, Any] | None
     crf_backend: str | None = None  # recorded per image
+    crf_source: str | None = None  # results columns `crf_source` / `crf_params` (JSON) when crf
+    crf_params: str | None = None
 
 
 def _png_bytes(label: np.ndarray) -> bytes:
@@ -412,6 +414,8 @@ def write_stage(batch: dict[str, np.ndarray], spec: WriteSpec) -> dict[str, np.n
             "crf_backend": spec.crf_backend if ok and spec.crf else None,
             "run_id": spec.run_id, "model_uri": spec.model_uri,
             "finished_at": datetime.now(timezone.utc),
+            "crf_source": spec.crf_source if ok and spec.crf else None,
+            "crf_params": spec.crf_params if ok and spec.crf else None,
         })
     write_parts(spec.output, spec.run_id, rows, errors, spec.storage_options)
     return {k: v for k, v in batch.items() if k not in (IMAGE, LABEL, URI, ERROR_REASON)}

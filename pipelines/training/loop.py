@@ -47,13 +47,13 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     backbone, head = param_groups(model)
     o = cfg.optim
-    return torch.optim.SGD(
-        [{"params": backbone, "lr": o.base_lr}, {"params": head, "lr": o.base_lr * o.head_lr_mult}],
-        lr=o.base_lr, momentum=o.momentum, weight_decay=o.weight_decay,
-    )
+    groups = [{"params": backbone, "lr": o.base_lr}, {"params": head, "lr": o.base_lr * o.head_lr_mult}]
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.base_lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.base_lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 def save_training_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, iteration: int,

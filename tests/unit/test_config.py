@@ -16,6 +16,16 @@ def test_defaults_are_the_embedded_demo():
     assert cfg.per_worker_batch == cfg.optim.batch_size // cfg.scaling.num_workers
 
 
+def test_demo_yaml_is_the_embedded_demo_and_sections_start_from_paper_defaults():
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    assert load_train_config(demo) == TrainConfig()
+    cfg = load_train_config(None, ["model.backbone=resnet18"])  # the demo's options stay
+    assert cfg.model.options == {"width_mult": 0.5, "separable": True}
+    # A whole `model:`/`optim:` section (as in a preset) does not inherit the demo's choices.
+    cfg = TrainConfig.model_validate({"model": {"backbone": "resnet18"}, "optim": {"max_iters": 5}})
+    assert cfg.model.options == {} and cfg.optim.name == "sgd"
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_presets_validate_and_build_valid_model_arguments(path):
     from deeplab_core import build_model
