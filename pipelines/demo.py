@@ -57,16 +57,15 @@ def main() -> int:
         "--input", "data/synthetic/manifests/val.parquet", "--output", OUTPUT, "--overlays", "--eval",
     ])
     out = Path(OUTPUT).resolve()
-    print(f"""
-Demo finished in {time.monotonic() - start:.0f}s.
-  masks            {out}/masks/
-  overlays         {out}/overlays/
-  results manifest {out}/results/   (one row per image: status, classes, seconds per stage)
-  errors manifest  {out}/errors/
-  checkpoints      {Path('ray_results').resolve()}/deeplab-demo/
-  MLflow UI        .venv/bin/mlflow ui --backend-store-uri {TRACKING_URI}   (then open http://127.0.0.1:5000)
-Run `make demo` again: training resumes (already finished), promotion compares, segmentation skips
-finished images.""")
+    places = [("masks", out / "masks"), ("overlays", out / "overlays"),
+              ("results manifest", out / "results"), ("errors manifest", out / "errors"),
+              ("checkpoints", Path("ray_results").resolve() / "deeplab-demo")]
+    lines = [f"  {name:<16} {path}/" for name, path in places if path.exists()]  # only what was written
+    print(f"\nDemo finished in {time.monotonic() - start:.0f}s.", *lines,
+          f"  MLflow UI        .venv/bin/mlflow ui --backend-store-uri {TRACKING_URI}   "
+          "(then open http://127.0.0.1:5000)",
+          "Run `make demo` again: training resumes (already finished), promotion compares, "
+          "segmentation skips finished images.", sep="\n")
     return 0
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (`python pipelines/tune_crf.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common.config import ConfigError, flag_labels, load_config  # noqa: E402
+from pipelines.common.cli import add_common_flags, run_main  # noqa: E402
+from pipelines.common.config import flag_labels, load_config  # noqa: E402
 from pipelines.segmentation.crf_tuning import TuneCRFConfig  # noqa: E402
 
 FLAGS = {"model": str, "manifest": str, "num_images": int, "num_samples": int, "search": str, "seed": int,
@@ -50,22 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no horizontal-flip averaging")
     p.add_argument("--no-tag", dest="tag_version", action="store_const", const=False, default=None,
                    help="do not store the best set on the model version")
+    add_common_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     values = {name: getattr(args, name) for name in (*FLAGS, "scales", "flip", "tag_version")
               if getattr(args, name) is not None}
-    try:
-        cfg = load_config(TuneCRFConfig, args.config, args.overrides, values, flag_labels(values))
-    except ConfigError as err:
-        parser.error(str(err))
-    from pipelines.segmentation.crf_tuning import run_crf_tuning
 
-    run_crf_tuning(cfg)
-    return 0
+    def tune() -> int:
+        cfg = load_config(TuneCRFConfig, args.config, args.overrides, values, flag_labels(values))
+        from pipelines.segmentation.crf_tuning import run_crf_tuning
+
+        run_crf_tuning(cfg)
+        return 0
+
+    return run_main("tune_crf.py", tune, debug=args.debug, argv=argv)
 
 
 if __name__ == "__main__":
