@@ -25,6 +25,7 @@ from pydantic import Field, field_validator
 from deeplab_core.constants import DEFAULT_SCALES, CRFParams
 from pipelines import tracking
 from pipelines.common.config import Section
+from pipelines.common.errors import InputError
 from pipelines.common.ray_session import ensure_ray
 from pipelines.data.decode import DEFAULT_MAX_PIXELS
 from pipelines.data.storage import absolute_uri
@@ -118,7 +119,7 @@ def load_tuning_data(cfg: TuneCRFConfig, model_uri: str) -> tuple[list[tuple[np.
 
     model, meta = load_model(model_uri, storage_options=cfg.storage_options)
     num_classes = num_classes_of(model)
-    mean, std = normalisation_of(meta)
+    mean, std = normalisation_of(meta, model)
     rows = [r for r in read_manifest(cfg.manifest, cfg.storage_options).to_pylist() if r.get("mask_uri")]
     decoder = RowDecoder(cfg.storage_options, num_classes, cfg.max_input_pixels, require_masks=True)
     data = []
@@ -134,7 +135,7 @@ def load_tuning_data(cfg: TuneCRFConfig, model_uri: str) -> tuple[list[tuple[np.
         if len(data) >= cfg.num_images:
             break
     if not data:
-        raise ValueError(f"{cfg.manifest}: no decodable rows with a mask_uri to tune on")
+        raise InputError(f"{cfg.manifest}: no decodable rows with a mask_uri to tune on")
     return data, num_classes
 
 
