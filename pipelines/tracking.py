@@ -86,6 +86,19 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0, must_exist: bool
             raise InputError(f"no MLflow database at {shown} (set --tracking-uri or MLFLOW_TRACKING_URI)")
 
 
+def _log_params_and_metrics(client, run_id: str, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+    """`params` (flattened, redacted) and step-0 `metrics` in as few requests as MLflow allows
+    (100 params per batch)."""
+    from mlflow.entities import Metric, Param
+
+    items = [Param(k, v) for k, v in _param_strings(params).items()]
+    now = int(time.time() * 1000)
+    for start in range(0, max(len(items), 1), 100):
+        batch_metrics = [Metric(k, float(v), now, 0) for k, v in metrics.items()] if start == 0 else []
+        if items[start:start + 100] or batch_metrics:
+            client.log_batch(run_id, metrics=batch_metrics, params=items[start:start + 100], synchronous=True)
+
+
 def _experiment_id(client, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     return experiment.experiment_id if experiment else client.create_experiment(name)
@@ -103,7 +116,6 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, identi
     """The run tagged with `identity` in `experiment` (newest first), else a new one with those
     tags and `params` (flattened, secrets redacted). Returns (run_id, resumed)."""
     import mlflow
-    from mlflow.entities import Param
 
     client = mlflow.MlflowClient(tracking_uri)
     experiment_id = _experiment_id(client, experiment)
@@ -116,9 +128,7 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, identi
 
     # resolve_tags adds what mlflow.start_run records: source file, git commit, user.
     run = client.create_run(experiment_id, run_name=run_name, tags=resolve_tags(dict(identity)))
-    items = [Param(k, v) for k, v in _param_strings(params).items()]
-    for start in range(0, len(items), 100):  # MLflow's batch limit is 100 params
-        client.log_batch(run.info.run_id, params=items[start:start + 100], synchronous=True)
+    _log_params_and_metrics(client, run.info.run_id, params, {})
     return run.info.run_id, False
 
 
@@ -274,16 +284,11 @@ def register_imported_model(tracking_uri: str, experiment: str, run_name: str, m
     (flattened, redacted), `metrics`, and the model logged as in training (`log_checkpoint_model`),
     registered as a new version of `registered_model` tagged with `tags`. Returns (run_id, version)."""
     import mlflow
-    from mlflow.entities import Metric, Param
 
     client = mlflow.MlflowClient(tracking_uri)
     run_id = client.create_run(_experiment_id(client, experiment), run_name=run_name).info.run_id
     try:
-        items = [Param(k, v) for k, v in _param_strings(params).items()]
-        now = int(time.time() * 1000)
-        for start in range(0, max(len(items), 1), 100):  # MLflow's batch limit is 100 params
-            batch_metrics = [Metric(k, float(v), now, 0) for k, v in metrics.items()] if start == 0 else []
-            client.log_batch(run_id, metrics=batch_metrics, params=items[start:start + 100], synchronous=True)
+        _log_params_and_metrics(client, run_id, params, metrics)
         version = log_checkpoint_model(tracking_uri, run_id, model_file, registered_model, tags, {})
     except BaseException:
         client.set_terminated(run_id, "FAILED")
