@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (option, metavar) in FLAGS.items():
         parser.add_argument(option, dest=name, metavar=metavar, default=None,
                             type=int if name == "output_stride" else str, help=_help(name))
+    parser.add_argument("--no-pytorch-flavor", dest="pytorch_flavor", action="store_false",
+                        help="register the pyfunc model only (skips the torch.export of the network)")
     add_common_flags(parser)
     return parser
 
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ImportWeightsConfig:
     names = ("kind", "source", "num_classes", *FLAGS)
     values = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    values["pytorch_flavor"] = args.pytorch_flavor
     labels = {**flag_labels(values), **{name: option for name, (option, _) in FLAGS.items()}}
     return load_config(ImportWeightsConfig, values=values, labels=labels)
 

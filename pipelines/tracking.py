@@ -13,9 +13,11 @@ import re
 import tempfile
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -203,19 +205,76 @@ def registered_version_of_run(tracking_uri: str, name: str, run_id: str, iterati
     return None
 
 
-def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, registered_model: str | None,
-                         tags: Mapping[str, Any], best_metrics: Mapping[str, float]) -> str | None:
-    """Into run `run_id`: the checkpoint file as `best_checkpoint/`, `best_*` metrics, and the model
-    as an MLflow pyfunc "model from code" (no pickle; weights load with weights_only=True). With
-    `registered_model`, registers it as a new version tagged with `tags`; returns the version."""
+# The pytorch flavour's files inside the model directory (beside the pyfunc's code/ and artifacts/).
+TORCH_EXPORT_DIR = "torch_export"
+# torch.export traces one example batch; height and width stay dynamic (Dim.AUTO), and a batch
+# of 2 keeps the batch dimension dynamic too (MLflow exports size-1 dimensions as static).
+_EXPORT_EXAMPLE_SHAPE = (2, 3, 64, 80)
+
+
+def _tensor_signature(num_classes: int):
+    """Normalised float N x 3 x H x W in, N x C x H x W logits out: what the exported module takes."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "images")]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes, -1, -1), "out")]))
+
+
+def _save_pyfunc_and_pytorch(path: str, mlflow_model, *, torch_model=None, **pyfunc_kwargs) -> None:
+    """`save_model` of the flavour `log_checkpoint_model` logs: the pyfunc model from code and, in
+    the same MLmodel, a `pytorch` flavour holding a torch.export program (pt2: graph and weights,
+    no pickled Python objects), so `mlflow.pytorch.load_model(uri)` works on the same URI."""
+    import shutil
+
     import mlflow
+    import numpy as np
+    from mlflow.models import Model
+
+    mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, **pyfunc_kwargs)
+    if torch_model is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = Path(tmp) / "pytorch"
+        example = np.random.default_rng(0).standard_normal(_EXPORT_EXAMPLE_SHAPE).astype(np.float32)
+        mlflow.pytorch.save_model(torch_model.eval(), str(exported), serialization_format="pt2",
+                                  signature=_tensor_signature(torch_model.config["num_classes"]),
+                                  input_example=example, pip_requirements=["torch"])
+        flavor = Model.load(str(exported)).flavors["pytorch"]
+        shutil.copytree(exported / flavor["model_data"], Path(path) / TORCH_EXPORT_DIR)
+    mlflow_model.add_flavor("pytorch", **{**flavor, "model_data": TORCH_EXPORT_DIR})
+    mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+_PYFUNC_AND_PYTORCH = SimpleNamespace(__name__="pyfunc+pytorch", save_model=_save_pyfunc_and_pytorch)
+
+
+def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, registered_model: str | None,
+                         tags: Mapping[str, Any], best_metrics: Mapping[str, float],
+                         pytorch_flavor: bool = True) -> str | None:
+    """Into run `run_id`: the checkpoint file as `best_checkpoint/`, `best_*` metrics, and the model
+    as an MLflow pyfunc "model from code" (no pickle; weights load with weights_only=True), with
+    `pytorch_flavor` also as a torch.export program that `mlflow.pytorch.load_model` returns as an
+    `nn.Module` (normalised N x 3 x H x W float input, any size; output `{"out": logits}`).
+    With `registered_model`, registers it as a new version tagged with `tags`; returns the version."""
+    import mlflow
+    from mlflow.models import Model
+
+    from pipelines.common.checkpoints import model_from_checkpoint_file
 
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    torch_model = model_from_checkpoint_file(str(model_file))[0] if pytorch_flavor else None
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # The signature is given; an input example would make MLflow load and run the model here.
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         mlflow.log_artifact(str(model_file), "best_checkpoint")
         mlflow.log_metrics({f"best_{k}": v for k, v in best_metrics.items()})
-        info = mlflow.pyfunc.log_model(
+        info = Model.log(
+            artifact_path=None,  # deprecated in favour of name, but positional
             name=MODEL_ARTIFACT,
+            flavor=_PYFUNC_AND_PYTORCH,
+            torch_model=torch_model,
             signature=_image_signature(),
             python_model=str(_REPO_ROOT / "pipelines" / "common" / "pyfunc_model.py"),
             artifacts={"checkpoint": str(model_file)},
@@ -279,7 +338,7 @@ def log_finished_run(experiment: str, run_name: str, params: Mapping[str, Any],
 
 def register_imported_model(tracking_uri: str, experiment: str, run_name: str, model_file: Path,
                             registered_model: str, params: Mapping[str, Any], tags: Mapping[str, Any],
-                            metrics: Mapping[str, float]) -> tuple[str, str]:
+                            metrics: Mapping[str, float], pytorch_flavor: bool = True) -> tuple[str, str]:
     """A finished run in `experiment` for a checkpoint converted from another program: `params`
     (flattened, redacted), `metrics`, and the model logged as in training (`log_checkpoint_model`),
     registered as a new version of `registered_model` tagged with `tags`. Returns (run_id, version)."""
@@ -289,7 +348,7 @@ def register_imported_model(tracking_uri: str, experiment: str, run_name: str, m
     run_id = client.create_run(_experiment_id(client, experiment), run_name=run_name).info.run_id
     try:
         _log_params_and_metrics(client, run_id, params, metrics)
-        version = log_checkpoint_model(tracking_uri, run_id, model_file, registered_model, tags, {})
+        version = log_checkpoint_model(tracking_uri, run_id, model_file, registered_model, tags, {}, pytorch_flavor)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

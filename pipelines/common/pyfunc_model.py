@@ -19,12 +19,13 @@ class DeepLabPyfunc(mlflow.pyfunc.PythonModel):
         self.model, self.meta = model_from_checkpoint_file(context.artifacts["checkpoint"])
         self.model.eval()
 
-    def predict(self, context, model_input, params=None):  # noqa: ARG002 - pyfunc signature
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # noqa: ARG002
         import torch
 
         from deeplab_core.transforms import normalize
 
-        images = np.asarray(model_input)
+        # The signature names its one tensor, so MLflow may hand it over as {"images": array}.
+        images = np.asarray(model_input["images"] if isinstance(model_input, dict) else model_input)
         if images.ndim == 3:
             images = images[None]
         batch = torch.stack([normalize(img, self.meta["mean"], self.meta["std"]) for img in images])

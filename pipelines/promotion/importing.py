@@ -72,6 +72,8 @@ class ImportWeightsConfig(Section):
     tracking_uri: str | None = Field(None, description="MLflow tracking/registry URI (default: "
                                                        f"$MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
     experiment: str = Field(DEFAULT_EXPERIMENT, description="MLflow experiment of the import run")
+    pytorch_flavor: bool = Field(True, description="also log the registered model as a torch.export program "
+                                                   "(mlflow.pytorch.load_model)")
     output: str | None = Field(None, description="also write the checkpoint directory (model.pt) here, any URI")
     eval_manifest: str | None = Field(None, description="manifest with masks: evaluate on it and tag the version's "
                                                         "val_mIoU and val_manifest (needs Ray)")
@@ -335,4 +337,5 @@ def _register(cfg: ImportWeightsConfig, model_file: Path, config: Mapping[str, A
     return tracking.register_imported_model(
         tracking_uri, cfg.experiment, f"import-{source['file']}", model_file, cfg.registered_model,
         params={"source": source, "model": dict(config)}, tags=tags, metrics=metrics,
+        pytorch_flavor=cfg.pytorch_flavor,
     )

@@ -121,6 +121,8 @@ class TrackingSection(Section):
     tracking_uri: str | None = "sqlite:///mlflow.db"  # None: no MLflow records
     experiment: str = "deeplab"
     registered_model: str | None = "deeplab"
+    # Also log the model as a torch.export program (mlflow.pytorch.load_model); ~10 s per export.
+    pytorch_flavor: bool = True
 
 
 class TrainConfig(Section):

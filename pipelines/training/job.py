@@ -174,7 +174,7 @@ def _register(cfg: TrainConfig, run_id: str, tracking_uri: str, checkpoint: ray.
                  "arch": cfg.model.arch, "backbone": str(cfg.model.backbone)})
     with checkpoint.as_directory() as ckpt_dir:
         version = tracking.log_checkpoint_model(tracking_uri, run_id, Path(ckpt_dir) / MODEL_FILE, name,
-                                                tags, val_metrics)
+                                                tags, val_metrics, cfg.tracking.pytorch_flavor)
     if version is not None:
         print(f"[mlflow] registered {name} version {version} (val mIoU {metrics['val_mIoU']:.4f})", flush=True)
     return version

@@ -7,6 +7,7 @@ import hashlib
 import json
 import uuid
 
+import mlflow
 import pytest
 import s3fs
 import torch
@@ -53,7 +54,7 @@ def test_vainf_from_s3_registered_evaluated_and_promoted(ray_cluster, mlflow_ser
 
     code = import_weights.main(["vainf", uri, "--arch", "deeplabv3plus", "--backbone", "mobilenetv2",
                                 "--num-classes", str(NUM_CLASSES), "--output-stride", "16", "--register", name,
-                                "--tracking-uri", mlflow_server.url, "--eval", manifest])
+                                "--tracking-uri", mlflow_server.url, "--eval", manifest, "--no-pytorch-flavor"])
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])  # after the evaluation's progress lines
     assert code == 0 and summary["model_uri"] == f"models:/{name}/1"
 
@@ -68,6 +69,8 @@ def test_vainf_from_s3_registered_evaluated_and_promoted(ray_cluster, mlflow_ser
 
     with tracking_uri_set(mlflow_server.url):
         registered, meta = load_model(f"models:/{name}/1")
+        flavors = mlflow.models.get_model_info(f"models:/{name}/1").flavors
+    assert set(flavors) == {"python_function"}  # --no-pytorch-flavor: no torch.export
     assert meta["source"]["sha256"] == digest and meta["num_classes"] == NUM_CLASSES
     converted = from_vainf(checkpoint, "deeplabv3plus", "mobilenetv2", NUM_CLASSES, output_stride=16).eval()
     x = torch.randn(2, 3, *SIZE)

@@ -28,6 +28,8 @@ TINY = [
     # SGD as calibrated below (the embedded demo, which overrides start from, trains with AdamW).
     "optim.name=sgd", "optim.base_lr=0.02", "optim.head_lr_mult=10", "optim.weight_decay=0.0001",
     "optim.warmup_iters=0", "scaling.num_workers=2", "run.log_every=10",
+    # The torch.export of the registered model (~10 s) only where a test loads it.
+    "tracking.pytorch_flavor=false",
     # An easier variant of the synthetic scenes (distinct class colours, no clutter), so a tiny
     # model learns them in ~100 iterations; the default scenes need ~1500 (docs/data.md).
     "data.synthetic.options={colour_spread: 0.2, clutter: 0, noise_std: 2.0, min_object_size: 0.3}",
@@ -75,7 +77,7 @@ def test_training_on_s3_improves_miou_tracks_and_registers(ray_cluster, s3_bucke
     options = json.dumps(s3_options)
     cfg = tiny_config(f"{s3_bucket}/synthetic", str(tmp_path / "ray_results"), tracking, "tiny-s3", [
         "data.synthetic.num_train=48", "data.synthetic.num_val=16", "optim.max_iters=120",
-        "run.val_every=60", f"data.storage_options={options}",
+        "run.val_every=60", f"data.storage_options={options}", "tracking.pytorch_flavor=true",
     ])
     outcome = run_training(cfg)
 
@@ -109,6 +111,17 @@ def test_training_on_s3_improves_miou_tracks_and_registers(ray_cluster, s3_bucke
     mlflow.set_tracking_uri(tracking)
     model, meta = load_model(f"models:/deeplab/{outcome.model_version}")
     assert meta["num_classes"] == 6 and model.config["backbone"] == "mobilenetv2"
+    # ... and as PyTorch (a torch.export program, any image size) and pyfunc (uint8 images in).
+    import numpy as np
+    import torch
+
+    exported = mlflow.pytorch.load_model(f"models:/deeplab/{outcome.model_version}")
+    x = torch.randn(2, 3, 70, 90)
+    with torch.no_grad():
+        assert torch.equal(exported(x), model(x))
+    pyfunc = mlflow.pyfunc.load_model(f"models:/deeplab/{outcome.model_version}")
+    assert pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, -1, -1, 3]
+    assert pyfunc.predict(np.zeros((1, 40, 48, 3), np.uint8)).shape == (1, 40, 48)
 
     # One number per model: re-validating the registered checkpoint (the batch job's evaluation
     # path, plain inference) gives its val_mIoU tag; every rank validated with rank 0's BN buffers.

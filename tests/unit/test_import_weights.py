@@ -136,9 +136,18 @@ def test_registered_version_loads_with_the_same_logits(vainf_file, vainf_referen
     assert "val_mIoU" not in version.tags and "val_manifest" not in version.tags  # no --eval
     with tracking_uri_set(sqlite_tracking_uri):
         model, _ = load_model("models:/imported/1")
+        # The same version also carries a PyTorch flavour: a torch.export program (no pickle) with
+        # dynamic batch and image size, bit-identical to the checkpoint's model.
+        exported = mlflow.pytorch.load_model("models:/imported/1")
+        labels = mlflow.pyfunc.load_model("models:/imported/1").predict(
+            torch.randint(0, 256, (2, 37, 45, 3), dtype=torch.uint8).numpy())
     x = torch.randn(1, 3, *SIZE)
     with torch.no_grad():
         assert relative_difference(model(x), vainf_reference(x)) < 1e-5
+        for shape in [(1, 3, *SIZE), (3, 3, 41, 57)]:
+            x = torch.randn(*shape)
+            assert torch.equal(exported(x), model(x))
+    assert labels.shape == (2, 37, 45) and labels.dtype == "uint8" and labels.max() < 5
 
 
 # --------------------------------------------------------------------------- arguments
