@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--head-lr-mult", type=float, default=1.0)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--bootstrap", type=float, default=None, help="bootstrapped CE: hardest fraction of pixels")
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--scales", nargs="+", default=["0.75,1", "0.75,1,1.25", "1,1.25,1.5"],
                    help="comma-separated TTA scale sets tried at the end")
@@ -88,13 +89,13 @@ def main() -> None:
     optimizer = (torch.optim.AdamW(groups, lr=a.lr, weight_decay=a.weight_decay) if a.optimizer == "adamw"
                  else torch.optim.SGD(groups, lr=a.lr, momentum=0.9, weight_decay=a.weight_decay))
     scheduler = PolyLRScheduler(optimizer, a.iters, warmup_iters=a.warmup)
-    loss_fn = SegmentationLoss()
+    loss_fn = SegmentationLoss(bootstrap_ratio=a.bootstrap)
     transform = TrainTransform(crop_size=a.crop, scale_range=(a.scale_min, a.scale_max))
     rng = np.random.default_rng(a.seed)
     masks = [m for _, m in val]
     print(f"# {a.arch}/{a.backbone} x{a.width_mult} OS{a.output_stride} {'dense' if a.dense else 'separable'} "
           f"{params / 1e6:.2f} M params; scenes {a.height}x{a.width}, crop {a.crop}, batch {a.batch}, "
-          f"{a.optimizer} {a.lr:g}, {a.iters} it", flush=True)
+          f"{a.optimizer} {a.lr:g}, {a.iters} it, bootstrap {a.bootstrap}", flush=True)
     trained = 0.0
     for it in range(1, a.iters + 1):
         start = time.perf_counter()
