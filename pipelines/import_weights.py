@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result.summary()), flush=True)
         return 0
 
-    return run_main("import_weights.py", body, debug=args.debug, argv=argv)
+    return run_main("import_weights.py", body, debug=args.debug, argv=argv, verbose=args.verbose)
 
 
 if __name__ == "__main__":

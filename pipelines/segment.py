@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_segmentation(cfg, verbose=args.verbose)
         return 1 if args.strict and report.errors else 0
 
-    return run_main("segment.py", segment, debug=args.debug, argv=argv)
+    return run_main("segment.py", segment, debug=args.debug, argv=argv, verbose=args.verbose)
 
 
 if __name__ == "__main__":

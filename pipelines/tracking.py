@@ -23,7 +23,8 @@ from urllib.parse import urlparse
 
 from pipelines.common.config import flatten
 from pipelines.common.errors import InputError
-from pipelines.data.storage import redact, redact_urls
+from pipelines.common.console import is_verbose
+from pipelines.data.storage import is_local, redact, redact_urls
 
 MODEL_ARTIFACT = "model"
 REGISTRY_SCHEMES = ("models:/", "runs:/")
@@ -139,15 +140,27 @@ def log_dataset_inputs(tracking_uri: str, run_id: str, manifests: Mapping[str, s
     so the run page lists what it trained and validated on. Recorded by reference: the source URI
     (password redacted) and a digest of it, never the rows."""
     import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
     inputs = []
     for context, uri in manifests.items():
-        dataset = MetaDataset(resolve_dataset_source(redact_urls(uri)), name=f"{context} manifest")
+        dataset = MetaDataset(_dataset_source(redact_urls(uri)), name=f"{context} manifest")
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
     mlflow.MlflowClient(tracking_uri).log_inputs(run_id, datasets=inputs)
+
+
+def _dataset_source(uri: str):
+    """The MLflow dataset source of a manifest URI. A local path is named as MLflow's "local"
+    source outright: resolving it warns that it "can be interpreted in multiple ways" (MLflow
+    registers one identical local source class for each of the schemes "" and "file")."""
+    import json
+
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json, resolve_dataset_source
+
+    if is_local(uri):
+        return get_dataset_source_from_json(json.dumps({"uri": uri}), source_type="local")
+    return resolve_dataset_source(uri)
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
@@ -283,11 +296,28 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, regis
         )
     if registered_model is None:
         return None
-    version = mlflow.register_model(info.model_uri, registered_model)
     client = mlflow.MlflowClient(tracking_uri)
+    version = _register(client, info, registered_model, run_id)
     for key, value in tags.items():
         client.set_model_version_tag(registered_model, version.version, key, str(value))
     return str(version.version)
+
+
+def _register(client, info, name: str, run_id: str):
+    """A new version of `name` from the logged model `info`. What `mlflow.register_model` does
+    for a `models:/<model_id>` URI, without its unconditional stderr lines ("Successfully
+    registered model", "Created version"): the job prints its own. `--verbose` keeps MLflow's."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if is_verbose():
+        return mlflow.register_model(info.model_uri, name)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id)
 
 
 @contextmanager

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(run_training(cfg, verbose=args.verbose).summary_line())
         return 0
 
-    return run_main("train.py", train, debug=args.debug, argv=argv)
+    return run_main("train.py", train, debug=args.debug, argv=argv, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         run_crf_tuning(cfg)
         return 0
 
-    return run_main("tune_crf.py", tune, debug=args.debug, argv=argv)
+    return run_main("tune_crf.py", tune, debug=args.debug, argv=argv, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ EXIT_FAILED = 1
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    parser.add_argument("--verbose", action="store_true", help="keep Ray's own start-up, plan and progress output")
+    parser.add_argument("--verbose", action="store_true", help="keep Ray's and MLflow's own start-up, plan, progress and registry output")
 
 
 _USERINFO = re.compile(r"://(?P<user>[^\s/@:]*):(?P<password>[^\s/@]+)@")
@@ -40,11 +40,12 @@ def _scrubbed(text: str, secrets: Sequence[str]) -> str:
     return text
 
 
-def run_main(prog: str, body: Callable[[], int], debug: bool = False, argv: Sequence[str] | None = None) -> int:
+def run_main(prog: str, body: Callable[[], int], debug: bool = False, argv: Sequence[str] | None = None,
+             verbose: bool = False) -> int:
     """`body()`'s exit code, or the exit code of its failure after printing it as one line (the
-    scrubbed traceback with `debug`)."""
+    scrubbed traceback with `debug`). `verbose` keeps Ray's and MLflow's own console output."""
     secrets = url_passwords(sys.argv[1:] if argv is None else argv)
-    quiet_mlflow()
+    quiet_mlflow(verbose)
     try:
         return body()
     except Exception as err:  # noqa: BLE001 - the top of the job: report, don't dump

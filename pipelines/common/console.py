@@ -1,32 +1,58 @@
-"""One console voice: the jobs' own lines, and Ray's start-up and plan chatter only when asked.
+"""One console voice: the jobs' own lines, and Ray's and MLflow's chatter only when asked.
 
 Ray Data prints an execution plan, progress bars and "Starting execution" lines for every
 dataset, from the driver and from Train's split coordinators (which inherit the driver's
 DataContext); a training run of a few minutes printed ~175 of them. `quiet_ray()` turns those
-off before the datasets are built; `--verbose` on the entry scripts keeps them.
+off before the datasets are built; `--verbose` (DEEPLAB_VERBOSE=1) on the entry scripts keeps
+Ray's and MLflow's defaults everywhere.
+
+Ray's worker processes (split coordinators, Train's dataset manager) do not inherit the driver's
+logging levels: what they need travels as environment variables of the local cluster we start
+(`local_cluster_env`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import tempfile
 
 _RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune")
+# Warns once per process that progress bars are off - which is our choice, made in quiet_ray.
+_RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+# Ray >= 2.59 turns token authentication on for a new local cluster and says so each start.
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_RAY_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
 
 
-def quiet_mlflow() -> None:
+def is_verbose() -> bool:
+    return os.environ.get("DEEPLAB_VERBOSE") == "1"
+
+
+def set_verbose(verbose: bool) -> bool:
+    """Records `--verbose` for every later check in this process; whether it is on."""
+    if verbose:
+        os.environ["DEEPLAB_VERBOSE"] = "1"
+    return is_verbose()
+
+
+def quiet_mlflow(verbose: bool = False) -> None:
     """MLflow logs at INFO by default ("Creating initial MLflow database tables...", alembic's
-    migrations); the jobs print what matters themselves. The caller's MLFLOW_LOGGING_LEVEL wins."""
+    migrations) and draws a tqdm bar for every artifact copy (a model log "downloads" its local
+    files); the jobs print what matters themselves. The caller's MLFLOW_* settings win."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
     level = getattr(logging, os.environ["MLFLOW_LOGGING_LEVEL"].upper(), logging.WARNING)
     for name in ("mlflow", "alembic"):  # already imported: mlflow set its own level then
         logging.getLogger(name).setLevel(level)
+    if not set_verbose(verbose):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # read at each copy
 
 
 def quiet_ray(verbose: bool = False) -> None:
     """Call before building any Ray Data dataset. With `verbose`, Ray keeps its own defaults."""
-    if verbose or os.environ.get("DEEPLAB_VERBOSE") == "1":
-        os.environ["DEEPLAB_VERBOSE"] = "1"
+    if set_verbose(verbose):
         return
     from ray.data import DataContext
 
@@ -35,3 +61,45 @@ def quiet_ray(verbose: bool = False) -> None:
     context.print_on_execution_start = False
     for name in _RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger(_RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_local_ray_start() -> None:
+    """Drops Ray's "token authentication is enabled" notice (a new local cluster gets token
+    auth by default; it stays on). Only that notice: its "disabled" warning still shows."""
+    if not is_verbose():
+        logging.getLogger(_RAY_AUTH_LOGGER).addFilter(_DropNotice(_RAY_AUTH_NOTICE))
+
+
+def local_cluster_env() -> dict[str, str]:
+    """Environment variables for the workers of a local cluster we start: Ray Data's logging
+    config (RAY_DATA_LOGGING_CONFIG, Ray's documented hook) with its console handler at WARNING
+    - the split coordinators print "Dataset ... execution finished" at INFO every epoch - and
+    the progress-bars-off notice dropped. The files under the session's ray-data.log keep all."""
+    if is_verbose() or "RAY_DATA_LOGGING_CONFIG" in os.environ:
+        return {}
+    try:
+        from ray.data._internal.logging import DEFAULT_CONFIG
+    except ImportError:  # a Ray without it: its own defaults, a few lines more
+        return {}
+    config = json.loads(json.dumps(DEFAULT_CONFIG))
+    config["handlers"]["console"]["level"] = "WARNING"
+    config["loggers"][_RAY_DATA_PROGRESS_LOGGER] = {"level": "ERROR"}
+    text = json.dumps(config, sort_keys=True)  # JSON is YAML, which Ray Data reads
+    # Named by content: every run with this Ray writes (and leaves) the same small file.
+    path = os.path.join(tempfile.gettempdir(), f"deeplab-ray-data-logging-{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return {"RAY_DATA_LOGGING_CONFIG": path}

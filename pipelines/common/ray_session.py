@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
+
+# The local cluster's reaper (see local_ray_reaper.py); kept so its stdin pipe stays open for
+# as long as this process lives.
+_reaper: subprocess.Popen | None = None
 
 
 def ensure_ray(reserved_cpus: int = 0, verbose: bool = False) -> None:
@@ -10,10 +17,11 @@ def ensure_ray(reserved_cpus: int = 0, verbose: bool = False) -> None:
 
     A local Ray gets at least `reserved_cpus + 2` logical CPUs: training workers hold theirs for
     the whole run, and the Ray Data tasks feeding them need some left over or ingestion stalls.
+    It ends with this process, however this process ends (`start_reaper`).
     """
     import ray
 
-    from pipelines.common.console import quiet_ray
+    from pipelines.common.console import local_cluster_env, quiet_local_ray_start, quiet_ray
 
     quiet_ray(verbose)
     if ray.is_initialized():
@@ -21,11 +29,29 @@ def ensure_ray(reserved_cpus: int = 0, verbose: bool = False) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="WARNING")
-    else:
-        # A local cluster cannot be preempted; Train's preemption watcher only logs an E-level
-        # "actor constructor failed" line there.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(num_cpus=max(os.cpu_count() or 1, reserved_cpus + 2), logging_level="WARNING")
+        return
+    # A local cluster cannot be preempted; Train's preemption watcher only logs an E-level
+    # "actor constructor failed" line there.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    quiet_local_ray_start()
+    env_vars = local_cluster_env()
+    ray.init(num_cpus=max(os.cpu_count() or 1, reserved_cpus + 2), logging_level="WARNING",
+             runtime_env={"env_vars": env_vars} if env_vars else None)
+    start_reaper()
+
+
+def start_reaper() -> subprocess.Popen:
+    """A watcher that ends this process's descendants (the local Ray) once this process is gone,
+    even by SIGKILL: Ray's own fate-sharing misses the raylet's agents (local_ray_reaper.py)."""
+    global _reaper
+    if _reaper is not None and _reaper.poll() is None:
+        return _reaper
+    import psutil  # Ray's bundled copy once ray is imported
+
+    env = {**os.environ, "PYTHONPATH": str(Path(psutil.__file__).resolve().parents[1])}
+    _reaper = subprocess.Popen([sys.executable, str(Path(__file__).with_name("local_ray_reaper.py")), str(os.getpid())],
+                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+    return _reaper
 
 
 def use_gpu(setting: str | bool, needed: int = 1) -> bool:

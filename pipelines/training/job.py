@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import ray.train
 import yaml
+from ray.data import DataContext, ExecutionOptions
 from ray.train.torch import TorchTrainer
 
 from deeplab_core.transforms import TrainTransform
@@ -127,6 +129,14 @@ def start_or_resume_mlflow_run(cfg: TrainConfig, tracking_uri: str, storage_path
     return run_id
 
 
+def ingest_options() -> ExecutionOptions:
+    """Train's default ingest options, given explicitly: its own default copies the deprecated
+    `exclude_resources` too, which makes its dataset manager warn about it (RayDeprecationWarning)."""
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=current.preserve_order,
+                            verbose_progress=current.verbose_progress)
+
+
 def build_trainer(cfg: TrainConfig, train_manifest: str, val_manifest: str, tracking_uri: str | None,
                   run_id: str | None, verbose: bool = False) -> TorchTrainer:
     options = resolve_storage_options(cfg.data.root, cfg.data.storage_options)
@@ -142,7 +152,8 @@ def build_trainer(cfg: TrainConfig, train_manifest: str, val_manifest: str, trac
         storage_path = storage_path.split("://", 1)[1]
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "mlflow_run_id": run_id},
+        train_loop_config={"train": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
+                           "verbose": verbose, "progress_bar": sys.stderr.isatty()},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu(cfg.scaling.use_gpu, cfg.scaling.num_workers),
                                                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -155,7 +166,7 @@ def build_trainer(cfg: TrainConfig, train_manifest: str, val_manifest: str, trac
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"], execution_options=ingest_options()),
     )
 
 

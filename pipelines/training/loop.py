@@ -146,9 +146,65 @@ def _log_validation_artifacts(tracker: RunLogger, cm: np.ndarray, examples: list
             tracker.artifact(grid_path, "validation")
 
 
+def format_duration(seconds: float) -> str:
+    """`42s`, `3m10s`, `2h05m`: short enough for a progress line."""
+    seconds = max(int(round(seconds)), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def progress_text(it: int, max_it: int, start_it: int, elapsed_s: float) -> str:
+    """`it 230/1200 (19%)` and, once this run has made progress, `eta 3m10s` (from this run's
+    own pace: a resumed run's earlier iterations took no time here)."""
+    text = f"it {it}/{max_it} ({100 * it // max(max_it, 1)}%)"
+    done = it - start_it
+    if done > 0 and it < max_it:
+        text += f" eta {format_duration(elapsed_s / done * (max_it - it))}"
+    return text
+
+
+def _quiet_worker_logs(verbose: bool) -> None:
+    """Ray Train logs "Reporting training result N: TrainingReport(...)" at INFO from every
+    worker at every report. LoggingConfig's level misses it: that module names its logger by
+    file path (`getLogger(__file__)`), not `ray.train...`."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if not verbose and spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+
+
+class _ProgressBar:
+    """Rank 0's bar on the driver's terminal: Ray's distributed tqdm sends its state through the
+    worker's forwarded output, and the driver draws it below the forwarded log lines (a plain
+    tqdm's carriage returns would arrive as separate prefixed lines). Off when the driver's
+    stderr is not a terminal; the `[train] it` lines are the record either way."""
+
+    def __init__(self, enabled: bool, start_it: int, max_it: int) -> None:
+        self.bar = None
+        if enabled:
+            from ray.experimental.tqdm_ray import tqdm
+
+            self.bar = tqdm(desc="[train]", total=max_it, unit="it")
+            self.bar.update(start_it)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = TrainConfig.model_validate(loop_config["train"])
     log.setLevel(logging.INFO)
+    _quiet_worker_logs(loop_config.get("verbose", False))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -182,6 +238,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     micro_batch, accum = cfg.per_worker_batch, cfg.optim.grad_accum
     max_it = cfg.optim.max_iters
     it = start_it
+    bar = _ProgressBar(rank == 0 and loop_config.get("progress_bar", False), start_it, max_it)
+    t_run = time.perf_counter()
     window = {"loss": 0.0, "steps": 0, "data_s": 0.0, "step_s": 0.0}
     model.train()
     if start_it >= max_it:  # finished before: report the final state again so the run has a result
@@ -215,6 +273,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             lr = lrs[0]
             scheduler.step()
             it += 1
+            bar.update()
+            if it == max_it:  # done before the last validation and checkpoint, not after them
+                bar.close()
             window["steps"] += 1
             window["step_s"] += time.perf_counter() - t_start
             if it % cfg.run.log_every == 0 or it == max_it:
@@ -226,7 +287,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                           "data_wait_s": stats[1].item() / window["steps"]}
                 tracker.metrics(values, it)
                 if rank == 0:
-                    log.info(f"[train] it {it}/{max_it} loss {values['loss']:.4f} lr {lr:.2e} "
+                    progress = progress_text(it, max_it, start_it, time.perf_counter() - t_run)
+                    log.info(f"[train] {progress} loss {values['loss']:.4f} lr {lr:.2e} "
                              f"{images_per_s:.1f} img/s data-wait {values['data_wait_s'] * 1e3:.0f} ms/it")
                 window = {"loss": 0.0, "steps": 0, "data_s": 0.0, "step_s": 0.0}
             if it % cfg.run.val_every == 0 or it == max_it:
@@ -236,6 +298,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 break
             t_data = time.perf_counter()
         if micro_step < accum:  # a whole pass without one optimizer step would repeat forever
+            bar.close()
             raise RuntimeError(f"worker {rank}: a pass over its training shard gave {micro_step} batch(es) of "
                                f"{micro_batch}, fewer than one step ({accum}); the shard is too small")
 

@@ -200,6 +200,8 @@ def test_ray_job_submit_runs_the_train_script(ray_cluster, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in (proc.stdout + proc.stderr)
     assert "[train] val mIoU" in proc.stdout
+    # Rank 0's progress lines reach the job's console: iteration, percent done (eta until the end).
+    assert "[train] it 10/10 (100%) loss" in proc.stdout, proc.stdout[-4000:]
     runs = mlflow.MlflowClient(tracking).search_runs([mlflow.MlflowClient(tracking).get_experiment_by_name("deeplab").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
