@@ -120,7 +120,7 @@ def test_training_on_s3_improves_miou_tracks_and_registers(ray_cluster, s3_bucke
     with torch.no_grad():
         assert torch.equal(exported(x), model(x))
     pyfunc = mlflow.pyfunc.load_model(f"models:/deeplab/{outcome.model_version}")
-    assert pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, -1, -1, 3]
+    assert tuple(pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, -1, -1, 3)
     assert pyfunc.predict(np.zeros((1, 40, 48, 3), np.uint8)).shape == (1, 40, 48)
 
     # One number per model: re-validating the registered checkpoint (the batch job's evaluation
