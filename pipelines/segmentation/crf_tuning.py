@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from pydantic import Field, field_validator
 from deeplab_core.constants import DEFAULT_SCALES, CRFParams
 from pipelines import tracking
 from pipelines.common.config import Section
+from pipelines.common.console import is_verbose
 from pipelines.common.errors import InputError
 from pipelines.common.ray_session import ensure_ray
 from pipelines.data.decode import DEFAULT_MAX_PIXELS
@@ -184,6 +186,10 @@ def run_search(cfg: TuneCRFConfig, data: list, num_classes: int) -> list[Trial]:
     trainable = tune.with_resources(
         tune.with_parameters(_trial, data=data, num_classes=num_classes, iterations=cfg.iterations), {"cpu": 1})
     name = "tune-crf-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    if not is_verbose():
+        # Tune's new output engine prints its configuration box and result paths even at
+        # verbose=0; the legacy one is silent there. The job prints its own trial table.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=num_samples, search_alg=algorithm,
