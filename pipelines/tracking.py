@@ -8,6 +8,7 @@ for `--help`.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -30,6 +31,7 @@ MODEL_ARTIFACT = "model"
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 _PARAM_MAX_CHARS = 6000  # MLflow's limit for a param value
 _REPO_ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 
 def is_registry_uri(uri: str) -> bool:
@@ -251,13 +253,32 @@ def _save_pyfunc_and_pytorch(path: str, mlflow_model, *, torch_model=None, **pyf
     with tempfile.TemporaryDirectory() as tmp:
         exported = Path(tmp) / "pytorch"
         example = np.random.default_rng(0).standard_normal(_EXPORT_EXAMPLE_SHAPE).astype(np.float32)
-        mlflow.pytorch.save_model(torch_model.eval(), str(exported), serialization_format="pt2",
-                                  signature=_tensor_signature(torch_model.config["num_classes"]),
-                                  input_example=example, pip_requirements=["torch"])
+        try:
+            mlflow.pytorch.save_model(torch_model.eval(), str(exported), serialization_format="pt2",
+                                      signature=_tensor_signature(torch_model.config["num_classes"]),
+                                      input_example=example, pip_requirements=["torch"])
+            _check_export_generalises(mlflow.pytorch.load_model(str(exported)), torch_model)
+        except Exception as err:  # noqa: BLE001 - the pyfunc model is complete without it
+            log.warning("model logged without its PyTorch flavour: torch.export of %s/%s failed or does not "
+                        "take other input sizes (%s: %s)", torch_model.config["arch"], torch_model.config["backbone"],
+                        type(err).__name__, str(err).splitlines()[0][:200])
+            return
         flavor = Model.load(str(exported)).flavors["pytorch"]
         shutil.copytree(exported / flavor["model_data"], Path(path) / TORCH_EXPORT_DIR)
     mlflow_model.add_flavor("pytorch", **{**flavor, "model_data": TORCH_EXPORT_DIR})
     mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+def _check_export_generalises(exported, model) -> None:
+    """Raises unless the exported program matches the model at a batch and image size other than
+    the traced example's: a program specialised to one size (e.g. DeepLabv2's multi-scale inputs,
+    sized with Python ints) must not be shipped as if it took any size."""
+    import torch
+
+    x = torch.randn(3, 3, _EXPORT_EXAMPLE_SHAPE[2] - 7, _EXPORT_EXAMPLE_SHAPE[3] - 9)
+    with torch.no_grad():
+        if not torch.allclose(exported(x), model(x), atol=1e-4, rtol=1e-4):
+            raise ValueError("exported program disagrees with the model at another input size")
 
 
 _PYFUNC_AND_PYTORCH = SimpleNamespace(__name__="pyfunc+pytorch", save_model=_save_pyfunc_and_pytorch)
@@ -269,7 +290,7 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, regis
     """Into run `run_id`: the checkpoint file as `best_checkpoint/`, `best_*` metrics, and the model
     as an MLflow pyfunc "model from code" (no pickle; weights load with weights_only=True), with
     `pytorch_flavor` also as a torch.export program that `mlflow.pytorch.load_model` returns as an
-    `nn.Module` (normalised N x 3 x H x W float input, any size; output `{"out": logits}`).
+    `nn.Module` (normalised N x 3 x H x W float input, any size; output the N x C x H x W logits).
     With `registered_model`, registers it as a new version tagged with `tags`; returns the version."""
     import mlflow
     from mlflow.models import Model

@@ -1,0 +1,35 @@
+"""The registered MLflow model's PyTorch flavour is shipped only when it takes any input size."""
+
+from __future__ import annotations
+
+import logging
+
+import mlflow
+import torch
+
+from deeplab_core.models import build_model
+from pipelines import tracking
+from pipelines.common.checkpoints import MODEL_FILE, save_checkpoint_dir
+
+
+def _register(model, tmp_path, uri: str) -> str:
+    checkpoint = save_checkpoint_dir(model, tmp_path / "ckpt", {"mean": [0.5] * 3, "std": [0.25] * 3})
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("logging")).info.run_id
+    return tracking.log_checkpoint_model(uri, run_id, checkpoint / MODEL_FILE, "m", {}, {})
+
+
+def test_a_size_specialised_export_is_left_out_with_a_warning(sqlite_tracking_uri, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)  # sqlite MLflow keeps artifacts under ./mlruns
+    # DeepLabv2's multi-scale inputs are sized with Python ints: torch.export bakes in the size.
+    model = build_model("deeplabv2", "resnet18", num_classes=3, msc_scales=[0.5, 0.75]).eval()
+    with caplog.at_level(logging.WARNING, logger="pipelines.tracking"):
+        version = _register(model, tmp_path, sqlite_tracking_uri)
+    with tracking.tracking_uri_set(sqlite_tracking_uri):
+        info = mlflow.models.get_model_info(f"models:/m/{version}")
+        labels = mlflow.pyfunc.load_model(f"models:/m/{version}").predict(
+            torch.randint(0, 256, (1, 40, 52, 3), dtype=torch.uint8).numpy())
+    assert set(info.flavors) == {"python_function"}  # the pyfunc model is still complete
+    assert labels.shape == (1, 40, 52)
+    assert any("without its PyTorch flavour" in r.getMessage() and "deeplabv2/resnet18" in r.getMessage()
+               for r in caplog.records)
