@@ -167,9 +167,11 @@ _VAINF_SEPARABLE_KEYS: list[tuple[re.Pattern[str], str]] = [
 # Our separable conv as VainF's: depthwise -> pointwise -> BN -> ReLU (no BN + ReLU in between).
 _VAINF_SEPARABLE_OPTIONS = {"separable": True, "separable_depthwise_bn": False}
 _VAINF_CLASSIFIER = {"deeplabv3": "classifier.classifier.4.weight", "deeplabv3plus": "classifier.classifier.3.weight"}
-# VainF splits MobileNetV2's features into features[0:4] and features[4:-1].
+# VainF splits MobileNetV2's features by slicing the nn.Sequential: features[0:4] and
+# features[4:-1] (the last 1x1 conv to 1280 channels dropped). A slice keeps its children's names,
+# so the file's indices are torchvision's (and ours): low 0-3, high 4-17.
 _VAINF_MOBILENET = re.compile(r"^backbone\.(low|high)_level_features\.(\d+)\.")
-_VAINF_HIGH_START = 4
+_VAINF_MOBILENET_BLOCKS = {"low": set(range(0, 4)), "high": set(range(4, 18))}
 
 
 def _vainf_arch(keys: set[str]) -> str | None:
@@ -193,10 +195,29 @@ def _vainf_backbone(keys: set[str]) -> str:
     return "an unknown backbone"
 
 
+def _span(indices: set[int]) -> str:
+    return "none" if not indices else f"{min(indices)}-{max(indices)}" if max(indices) - min(indices) + 1 == len(
+        indices) else ", ".join(map(str, sorted(indices)))
+
+
+def _check_vainf_mobilenet(keys: set[str], origin: str) -> None:
+    """Refuse, in one line, a MobileNetV2 split other than VainF's (e.g. renumbered slices, which
+    would otherwise map two blocks onto one of ours)."""
+    found: dict[str, set[int]] = {"low": set(), "high": set()}
+    for key in keys:
+        if match := _VAINF_MOBILENET.match(key):
+            found[match.group(1)].add(int(match.group(2)))
+    if found != _VAINF_MOBILENET_BLOCKS:
+        raise ValueError(
+            f"{origin}: not VainF's MobileNetV2 layout: backbone.low_level_features / high_level_features hold blocks "
+            f"{_span(found['low'])} / {_span(found['high'])}, VainF's modeling.py saves 0-3 / 4-17 (slices of "
+            f"features keep their indices; the last 1x1 conv is dropped)"
+        )
+
+
 def _vainf_key(key: str, arch: str, separable: bool) -> str:
     if match := _VAINF_MOBILENET.match(key):
-        index = int(match.group(2)) + (_VAINF_HIGH_START if match.group(1) == "high" else 0)
-        return f"backbone.features.{index}." + key[match.end():]
+        return f"backbone.features.{match.group(2)}." + key[match.end():]
     for pattern, replacement in _VAINF_SEPARABLE_KEYS if separable else ():
         if pattern.match(key):
             return pattern.sub(replacement, key, count=1)
@@ -239,6 +260,8 @@ def from_vainf(
             f"{origin} holds VainF's {found_arch} with {found_backbone} and {found_classes} classes, not {arch} with "
             f"{backbone} and {num_classes} classes"
         )
+    if backbone == "mobilenetv2":
+        _check_vainf_mobilenet(keys, origin)
     model = _build(
         arch, backbone, num_classes, output_stride=output_stride,
         **_VAINF_BACKBONE_OPTIONS[backbone], **_VAINF_HEAD_OPTIONS[arch],

@@ -75,6 +75,10 @@ def error_line(err: str) -> str:
 
 
 def test_vainf_checkpoint_becomes_our_model_file_with_the_same_logits(vainf_file, vainf_reference, tmp_path, capsys):
+    # The file has VainF's real MobileNetV2 keys: sliced Sequentials keep blocks 0-3 / 4-17.
+    model_state = torch.load(vainf_file, weights_only=True)["model_state"]
+    assert {"backbone.low_level_features.0.0.weight", "backbone.high_level_features.4.conv.0.0.weight",
+            "backbone.high_level_features.17.conv.3.weight"} <= model_state.keys()
     out_dir = tmp_path / "imported"
     code, out, _ = run(["vainf", vainf_file, *VAINF_ARGS, "--output", out_dir], capsys)
     assert code == 0

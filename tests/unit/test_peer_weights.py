@@ -140,11 +140,11 @@ MOBILENET_V2 = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 
 
 
 class VainFMobileNetV2(nn.Module):
-    """VainF's MobileNetV2 features split as `low_level_features` (0..3) and
-    `high_level_features` (4..17). Once the output stride is reached a stage runs at stride 1 and
-    multiplies the rate; its first block keeps the previous rate."""
+    """VainF's MobileNetV2 classifier network: `features` = stem (unpadded 3x3 stride 2), 17
+    inverted residuals, a 1x1 conv to 1280 channels; then `classifier`. Once the output stride is
+    reached a stage runs at stride 1 and multiplies the rate; its first block keeps the previous rate."""
 
-    def __init__(self, output_stride: int) -> None:
+    def __init__(self, output_stride: int, num_classes: int = 1000) -> None:
         super().__init__()
         features: list[nn.Module] = [conv_bn_relu6(3, 32, 3, stride=2)]
         current_stride, rate, c_in = 2, 1, 32
@@ -159,25 +159,50 @@ class VainFMobileNetV2(nn.Module):
                     c_in, c_out, stride if i == 0 else 1, previous_rate if i == 0 else rate, expand
                 ))
                 c_in = c_out
-        self.low_level_features = nn.Sequential(*features[:4])
-        self.high_level_features = nn.Sequential(*features[4:])
+        features.append(conv_bn_relu6(c_in, 1280, 1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        low = self.low_level_features(x)
-        return {"low_level": low, "out": self.high_level_features(low)}
+
+def vainf_mobilenet_backbone(arch: str, output_stride: int) -> nn.Module:
+    """The backbone as VainF's modeling.py makes it: slice `features` (a slice of an nn.Sequential
+    keeps its children's names: blocks 0-3 and 4-17, the last conv dropped), set the classifier
+    network's own parts to None (gone from the state_dict), and wrap in IntermediateLayerGetter,
+    which keeps every child up to the last one returned: v3 keeps `low_level_features` too."""
+    net = VainFMobileNetV2(output_stride)
+    net.low_level_features = net.features[0:4]
+    net.high_level_features = net.features[4:-1]
+    net.features = None
+    net.classifier = None
+    returned = {"high_level_features": "out"}
+    if arch == "deeplabv3plus":
+        returned["low_level_features"] = "low_level"
+    return IntermediateLayerGetter(net, returned)
+
+
+def vainf_resnet_backbone(arch: str, backbone: str, output_stride: int) -> nn.Module:
+    """VainF's resnet.py is torchvision's; no multi-grid, dilation by replace_stride_with_dilation.
+    IntermediateLayerGetter keeps conv1 .. layer4 (avgpool and fc are cut off)."""
+    dilate = [False, True, True] if output_stride == 8 else [False, False, True]
+    net = getattr(torchvision.models, backbone)(replace_stride_with_dilation=dilate)
+    returned = {"layer4": "out"}
+    if arch == "deeplabv3plus":
+        returned["layer1"] = "low_level"
+    return IntermediateLayerGetter(net, returned)
 
 
 class VainFModel(nn.Module):
+    """VainF's `DeepLabV3` (`_SimpleSegmentationModel`): backbone, classifier, logits resized to
+    the input. `separable`: main.py's `--separable_conv` (v3+ only)."""
+
     def __init__(self, arch: str, backbone: str, num_classes: int, output_stride: int, separable: bool = False) -> None:
         super().__init__()
         rates = (12, 24, 36) if output_stride == 8 else (6, 12, 18)
         if backbone == "mobilenetv2":
-            self.backbone: nn.Module = VainFMobileNetV2(output_stride)
+            self.backbone = vainf_mobilenet_backbone(arch, output_stride)
             channels, low_channels = 320, 24
         else:
-            dilate = [False, True, True] if output_stride == 8 else [False, False, True]
-            net = getattr(torchvision.models, backbone)(replace_stride_with_dilation=dilate)
-            self.backbone = IntermediateLayerGetter(net, {"layer1": "low_level", "layer4": "out"})
+            self.backbone = vainf_resnet_backbone(arch, backbone, output_stride)
             channels, low_channels = 2048, 256
         if arch == "deeplabv3":
             self.classifier: nn.Module = VainFV3Head(channels, num_classes, rates)
@@ -218,7 +243,109 @@ VAINF_CASES = [
     for backbone in ("resnet50", "resnet101")
     for arch in ("deeplabv3", "deeplabv3plus")
     for output_stride in (16, 8)
-] + [("deeplabv3", "mobilenetv2", 16), ("deeplabv3plus", "mobilenetv2", 16), ("deeplabv3plus", "mobilenetv2", 8)]
+] + [(arch, "mobilenetv2", output_stride) for arch in ("deeplabv3", "deeplabv3plus") for output_stride in (16, 8)]
+
+
+# The layout of VainF's files, counted from its source (network/modeling.py, _deeplab.py,
+# backbone/*.py): a conv without bias is 1 tensor, a BatchNorm 5 (weight, bias, running_mean,
+# running_var, num_batches_tracked). MobileNetV2 (blocks 0-17): stem 6 + block 1 (depthwise
+# conv-BN, 1x1, BN) 12 + 16 blocks x 18 = 306. ResNet conv1 .. layer4: 6 + 18 per block + 6 per
+# downsample = 318 (R50) / 624 (R101). ASPP: five conv-BN branches + the projection = 36; the v3
+# head adds a 3x3 conv-BN and the biased 1x1 (44), the v3+ head the 48-ch projection too (50).
+# VainF's own networks at commit 4e1087d have these counts (350, 356, 362, 368, 668, 674).
+VAINF_BACKBONE_TENSORS = {"mobilenetv2": 306, "resnet50": 318, "resnet101": 624}
+VAINF_HEAD_TENSORS = {"deeplabv3": 44, "deeplabv3plus": 50}
+VAINF_BACKBONE_KEYS = {
+    "mobilenetv2": {
+        "backbone.low_level_features.0.0.weight": (32, 3, 3, 3),
+        "backbone.low_level_features.1.conv.0.0.weight": (32, 1, 3, 3),  # block 1: no expansion
+        "backbone.low_level_features.3.conv.3.running_var": (24,),
+        "backbone.high_level_features.4.conv.0.0.weight": (144, 24, 1, 1),  # not renumbered from 0
+        "backbone.high_level_features.17.conv.2.weight": (320, 960, 1, 1),
+    },
+    "resnet50": {
+        "backbone.conv1.weight": (64, 3, 7, 7),
+        "backbone.layer1.0.downsample.0.weight": (256, 64, 1, 1),
+        "backbone.layer3.5.conv3.weight": (1024, 256, 1, 1),
+        "backbone.layer4.2.bn3.running_mean": (2048,),
+    },
+    "resnet101": {
+        "backbone.bn1.num_batches_tracked": (),
+        "backbone.layer3.22.conv3.weight": (1024, 256, 1, 1),
+        "backbone.layer4.0.downsample.1.weight": (2048,),
+    },
+}
+VAINF_HEAD_KEYS = {
+    "deeplabv3": {
+        "classifier.classifier.0.convs.0.0.weight": (256, "C", 1, 1),
+        "classifier.classifier.0.convs.3.0.weight": (256, "C", 3, 3),
+        "classifier.classifier.0.convs.4.1.weight": (256, "C", 1, 1),  # image pooling: conv after the pool
+        "classifier.classifier.0.project.0.weight": (256, 1280, 1, 1),
+        "classifier.classifier.1.weight": (256, 256, 3, 3),
+        "classifier.classifier.4.bias": (21,),
+    },
+    "deeplabv3plus": {
+        "classifier.project.0.weight": (48, "L", 1, 1),
+        "classifier.aspp.convs.3.0.weight": (256, "C", 3, 3),
+        "classifier.aspp.project.1.running_var": (256,),
+        "classifier.classifier.0.weight": (256, 304, 3, 3),  # one 3x3 conv on [low 48, ASPP 256]
+        "classifier.classifier.3.bias": (21,),
+    },
+}
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+@pytest.mark.parametrize("backbone", ["mobilenetv2", "resnet50", "resnet101"])
+@pytest.mark.parametrize("arch", ["deeplabv3", "deeplabv3plus"])
+def test_vainf_reference_has_the_peers_key_layout(arch, backbone, output_stride):
+    """The reference's state_dict is the layout of a file VainF's main.py saves: the importer is
+    tested against the real key names, not against our own idea of them."""
+    with torch.device("meta"):
+        state = VainFModel(arch, backbone, 21, output_stride).state_dict()
+    assert len(state) == VAINF_BACKBONE_TENSORS[backbone] + VAINF_HEAD_TENSORS[arch]
+    channels = {"C": 320 if backbone == "mobilenetv2" else 2048, "L": 24 if backbone == "mobilenetv2" else 256}
+    expected = {**VAINF_BACKBONE_KEYS[backbone], **VAINF_HEAD_KEYS[arch]}
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == tuple(channels.get(d, d) for d in shape), key
+    if backbone == "mobilenetv2":
+        blocks = {part: {int(k.split(".")[2]) for k in state if k.startswith(f"backbone.{part}_level_features.")}
+                  for part in ("low", "high")}
+        assert blocks == {"low": set(range(4)), "high": set(range(4, 18))}  # the 1x1 conv to 1280 (18) dropped
+        assert not any(k.startswith(("backbone.features.", "backbone.classifier.")) for k in state)  # set to None
+    else:
+        assert not any(k.startswith(("backbone.fc.", "backbone.avgpool")) for k in state)
+
+
+def test_vainf_separable_reference_key_layout():
+    """main.py's --separable_conv: every 3x3 conv of the v3+ head becomes `body` = (depthwise,
+    pointwise); 4 more tensors than the plain head (360 in VainF's own network too)."""
+    with torch.device("meta"):
+        state = VainFModel("deeplabv3plus", "mobilenetv2", 21, 16, separable=True).state_dict()
+    assert len(state) == 306 + 50 + 4
+    assert tuple(state["classifier.aspp.convs.1.0.body.0.weight"].shape) == (320, 1, 3, 3)
+    assert tuple(state["classifier.aspp.convs.1.0.body.1.weight"].shape) == (256, 320, 1, 1)
+    assert tuple(state["classifier.classifier.0.body.1.weight"].shape) == (256, 304, 1, 1)
+    assert "classifier.classifier.0.weight" not in state and "classifier.aspp.convs.4.1.weight" in state
+
+
+@pytest.mark.parametrize(
+    ("renumber", "found"),
+    [(lambda part, i: i - 4 if part == "high" else i, "0-3 / 0-13"),  # slices renumbered from 0
+     (lambda part, i: i + 1 if part == "high" else i, "0-3 / 5-18")],
+)
+def test_vainf_mobilenet_other_layouts_are_refused_in_one_line(vainf_states, renumber, found):
+    state = vainf_state(vainf_states, "deeplabv3", "mobilenetv2")
+
+    def rename(key: str) -> str:
+        parts = key.split(".")
+        if parts[1] in ("low_level_features", "high_level_features"):
+            parts[2] = str(renumber(parts[1].split("_")[0], int(parts[2])))
+        return ".".join(parts)
+
+    with pytest.raises(ValueError) as error:
+        from_vainf({rename(k): v for k, v in state.items()}, "deeplabv3", "mobilenetv2", 21)
+    message = str(error.value)
+    assert f"hold blocks {found}, VainF's modeling.py saves 0-3 / 4-17" in message and "\n" not in message
 
 
 @pytest.mark.parametrize(("arch", "backbone", "output_stride"), VAINF_CASES)
