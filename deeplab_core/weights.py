@@ -174,6 +174,13 @@ _VAINF_MOBILENET = re.compile(r"^backbone\.(low|high)_level_features\.(\d+)\.")
 _VAINF_MOBILENET_BLOCKS = {"low": set(range(0, 4)), "high": set(range(4, 18))}
 
 
+# What VainF's other backbones are, for the refusal.
+_VAINF_UNSUPPORTED = {
+    "xception": "Cadene's original Xception, block1-12 and conv1-4; ours is the aligned Xception-65",
+    "hrnetv2": "no HRNet backbone here",
+}
+
+
 def _vainf_arch(keys: set[str]) -> str | None:
     if "classifier.aspp.project.0.weight" in keys:
         return "deeplabv3plus"
@@ -250,9 +257,15 @@ def from_vainf(
     separable = any(k.startswith("classifier.") and ".body.0." in k for k in keys)
     found_backbone = _vainf_backbone(keys)
     if found_backbone not in _VAINF_BACKBONE_OPTIONS:
+        why = _VAINF_UNSUPPORTED.get(found_backbone, "no counterpart here")
         raise ValueError(
-            f"{origin}: VainF's {found_arch} with {found_backbone} is not supported; supported backbones: "
+            f"{origin}: VainF's {found_arch} with {found_backbone} is not supported ({why}); supported backbones: "
             f"{', '.join(_VAINF_BACKBONE_OPTIONS)}"
+        )
+    if separable and found_arch == "deeplabv3":
+        raise ValueError(
+            f"{origin}: VainF's deeplabv3 with separable convs in its head (convert_to_separable_conv on a v3 model; "
+            f"VainF's main.py applies it to v3+ only) is not supported: our deeplabv3 head has no separable option"
         )
     found_classes = state[_VAINF_CLASSIFIER[found_arch]].shape[0]
     if (arch, backbone, num_classes) != (found_arch, found_backbone, found_classes):

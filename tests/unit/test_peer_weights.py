@@ -391,6 +391,29 @@ def test_from_vainf_separable_same_logits(output_stride):
         assert relative_difference(ours.eval()(x), reference.eval()(x)) < TOLERANCE
 
 
+def _with_backbone(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """A VainF head on another backbone (its first tensor names are enough for the refusal)."""
+    head = {k: v for k, v in state.items() if k.startswith("classifier.")}
+    return {f"backbone.{prefix}.weight": torch.zeros(1), **head}
+
+
+def test_other_vainf_variants_are_refused_naming_the_difference(vainf_states):
+    v3 = vainf_state(vainf_states, "deeplabv3", "mobilenetv2")
+    # convert_to_separable_conv applied to a v3 head (main.py does it for v3+ only).
+    separable_v3 = {k.replace(".convs.1.0.weight", ".convs.1.0.body.0.weight"): v for k, v in v3.items()}
+    cases = [
+        (separable_v3, "deeplabv3", "mobilenetv2", "VainF's deeplabv3 with separable convs in its head"),
+        (_with_backbone(v3, "block1.rep.1.conv1"), "deeplabv3", "resnet101",
+         "deeplabv3 with xception is not supported (Cadene's original Xception"),
+        (_with_backbone(v3, "stage4.0.branches.0.0.conv1"), "deeplabv3", "resnet101",
+         "deeplabv3 with hrnetv2 is not supported (no HRNet backbone here)"),
+    ]
+    for state, arch, backbone, message in cases:
+        with pytest.raises(ValueError) as error:
+            from_vainf(state, arch, backbone, 21)
+        assert message in str(error.value) and "\n" not in str(error.value)
+
+
 def test_from_vainf_says_what_the_file_holds(vainf_states):
     state = vainf_state(vainf_states, "deeplabv3", "resnet50")
     with pytest.raises(ValueError, match="holds VainF's deeplabv3 with resnet50 and 21 classes, not deeplabv3plus"):
