@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .loading import (  # noqa: F401 - re-exported: the public home of these names
+    NOT_SUPPORTED,
     Checkpoint,
     LoadReport,
     as_checkpoint,
@@ -341,6 +342,9 @@ def from_kazuto(checkpoint: Checkpoint, num_classes: int) -> nn.Module:
     """
     obj = as_checkpoint(checkpoint)
     state = tensors(obj)
+    found = identify(obj)
+    if found is not None and found[1].startswith(NOT_SUPPORTED):
+        raise ValueError(f"{_origin(checkpoint)}: {found[0]} is {found[1]}")
     msc = any(k.startswith("base.") for k in state)
     bare = {k.removeprefix("base."): v for k, v in state.items()}
     if "layer1.conv1.conv.weight" not in bare or "aspp.c0.weight" not in bare:

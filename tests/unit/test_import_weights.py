@@ -208,6 +208,16 @@ def test_unrecognised_checkpoint_says_what_it_found(tmp_path, capsys):
     assert "top-level keys: epoch (int), net (dict)" in line and "encoder.conv.weight" in line
 
 
+def test_a_peer_network_nothing_converts_is_refused_saying_why(tmp_path, capsys):
+    kazuto_v3 = {k: torch.zeros(1) for k in ("base.layer1.conv1.conv.weight", "base.aspp.stages.c0.conv.weight",
+                                             "base.fc1.conv.weight", "base.fc2.weight")}
+    code, _, err = run(["kazuto", _save(tmp_path, kazuto_v3), "--num-classes", 21, "--output", tmp_path / "o"], capsys)
+    line = error_line(err)
+    assert code == EXIT_USAGE and "looks like a kazuto1011/deeplab-pytorch DeepLabV3 with MSC, which no importer" in line
+    assert "not supported: its head is ASPP -> 1x1 conv-BN-ReLU (fc1) -> 1x1 classes (fc2)" in line
+    assert not (tmp_path / "o").exists()
+
+
 def test_another_programs_checkpoint_names_the_importer_to_use(tmp_path, capsys):
     kazuto_like = {"base.layer1.conv1.conv.weight": torch.zeros(1), "base.aspp.c0.weight": torch.zeros(1)}
     code, _, err = run(["vainf", _save(tmp_path, kazuto_like), *VAINF_ARGS, "--output", tmp_path / "o"], capsys)

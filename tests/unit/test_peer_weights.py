@@ -7,6 +7,7 @@ peer's file layout; the converted model must reproduce its logits to a relative 
 """
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -515,7 +516,6 @@ KAZUTO_SIZE = (33, 39)
 
 
 def test_from_kazuto_same_logits_with_msc(kazuto):
-    assert len(kazuto) == 632
     model = from_kazuto(kazuto, num_classes=21).eval()
     config = model.config
     assert config["msc_scales"] == [1.0, 0.75, 0.5] and config["msc_fusion"] == "score_map"
@@ -597,6 +597,51 @@ def test_unknown_checkpoint_says_what_it_found():
     message = str(error.value)
     assert "is not a VainF/DeepLabV3Plus-Pytorch" in message and "not recognised" in message and "from_kazuto" in message
     assert "top-level keys: epoch (int), net (dict)" in message and "encoder.conv.weight" in message
+
+
+def test_kazuto_reference_has_the_peers_key_layout(kazuto):
+    """kazuto's `DeepLabV2_ResNet101_MSC().state_dict()`: 632 tensors (the same list, in order, as
+    kazuto's own network at commit 4219467), `_ConvBnReLU` = (conv, bn), a `shortcut` only in a
+    stage's first block (the others are nn.Identity), ASPP branches `aspp.c0-3` with bias."""
+    assert len(kazuto) == 632
+    shapes = {
+        "base.layer1.conv1.conv.weight": (64, 3, 7, 7),
+        "base.layer1.conv1.bn.num_batches_tracked": (),
+        "base.layer2.block1.shortcut.conv.weight": (256, 64, 1, 1),  # stride 1, still a projection
+        "base.layer3.block1.reduce.conv.weight": (128, 256, 1, 1),  # the stride sits in this 1x1
+        "base.layer4.block23.increase.bn.running_var": (1024,),
+        "base.layer5.block3.conv3x3.conv.weight": (512, 512, 3, 3),
+        "base.aspp.c3.weight": (21, 2048, 3, 3),
+        "base.aspp.c3.bias": (21,),
+    }
+    for key, shape in shapes.items():
+        assert tuple(kazuto[key].shape) == shape, key
+    assert not any(".block2.shortcut." in k or k.startswith(("base.layer1.pool", "base.fc")) for k in kazuto)
+
+
+# Key names that tell kazuto's other networks apart (tensor values do not matter for the refusal).
+KAZUTO_OTHERS = {
+    "DeepLabV3 with MSC": ["base.layer1.conv1.conv.weight", "base.aspp.stages.c0.conv.weight",
+                           "base.aspp.stages.imagepool.conv.conv.weight", "base.fc1.conv.weight", "base.fc2.weight"],
+    "DeepLabV3+ with MSC": ["base.layer1.conv1.conv.weight", "base.aspp.stages.c0.conv.weight", "base.fc1.conv.weight",
+                            "base.reduce.conv.weight", "base.fc2.conv1.conv.weight"],
+    "DeepLabV1 / ResNet": ["layer1.conv1.conv.weight", "layer5.block3.increase.conv.weight", "fc.weight", "fc.bias"],
+}
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("DeepLabV3 with MSC", "ours has a 3x3 conv-BN-ReLU between"),
+    ("DeepLabV3+ with MSC", "kazuto releases no weights for it"),
+    ("DeepLabV1 / ResNet", "our deeplabv1 is VGG-16 LargeFOV"),
+])
+def test_kazutos_other_networks_are_refused_in_one_line(name, why):
+    state = {k: torch.zeros(1) for k in KAZUTO_OTHERS[name]}
+    with pytest.raises(ValueError) as error:
+        from_kazuto(state, 21)
+    message = str(error.value)
+    assert f"kazuto1011/deeplab-pytorch {name} is not supported: " in message and why in message and "\n" not in message
+    with pytest.raises(ValueError, match=f"looks like a kazuto1011/deeplab-pytorch {re.escape(name)}: no importer reads it"):
+        from_vainf(state, "deeplabv3plus", "resnet101", 21)
 
 
 def test_a_peer_file_given_to_the_wrong_importer_names_the_right_one(kazuto, vainf_states):
