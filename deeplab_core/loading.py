@@ -89,7 +89,7 @@ def _kazuto_kind(keys: set[str]) -> tuple[str, str] | None:
     )
 
 
-def use(importer: str) -> str:
+def _use(importer: str) -> str:
     """How an error tells the user to read a recognised file: the importer, or why none does."""
     return f"no importer reads it ({importer.removeprefix(NOT_SUPPORTED)})" if importer.startswith(
         NOT_SUPPORTED) else f"use {importer}"
@@ -165,7 +165,7 @@ def key_differences(expected: Mapping[str, Tensor], found: Mapping[str, Tensor],
 def unknown_checkpoint_error(obj: Mapping[str, Any], origin: str, expected: str) -> ValueError:
     """The error for a file that is not what an importer reads: what it is (if known), what is in it."""
     found = identify(obj)
-    hint = f"it looks like a {found[0]}: {use(found[1])}" if found else (
+    hint = f"it looks like a {found[0]}: {_use(found[1])}" if found else (
         "not recognised as any known checkpoint. Importers: deeplab_core.weights.from_torchvision (torchvision "
         "deeplabv3_resnet50/101), from_vainf (VainF/DeepLabV3Plus-Pytorch), from_kazuto (kazuto1011/deeplab-pytorch "
         "DeepLabV2); build_model(pretrained=...) for backbone weights by name"
@@ -212,7 +212,7 @@ def _refuse_peer_models(state_dict: Mapping[str, Any], origin: str) -> None:
     if found is not None and not found[0].startswith(("deeplab-ray", "torchvision")):
         raise ValueError(
             f"{origin} is a whole {found[0]}, not backbone weights; pretrained= loads a backbone by name. "
-            f"To get that model (backbone, head and all): {use(found[1])}. Found {describe(state_dict)}"
+            f"To get that model (backbone, head and all): {_use(found[1])}. Found {describe(state_dict)}"
         )
 
 

@@ -204,8 +204,11 @@ def _vainf_backbone(keys: set[str]) -> str:
 
 
 def _span(indices: set[int]) -> str:
-    return "none" if not indices else f"{min(indices)}-{max(indices)}" if max(indices) - min(indices) + 1 == len(
-        indices) else ", ".join(map(str, sorted(indices)))
+    """'4-17' for a contiguous run, else the indices listed."""
+    if not indices:
+        return "none"
+    low, high = min(indices), max(indices)
+    return f"{low}-{high}" if high - low + 1 == len(indices) else ", ".join(map(str, sorted(indices)))
 
 
 def _check_vainf_mobilenet(keys: set[str], origin: str) -> None:

@@ -253,7 +253,8 @@ VAINF_CASES = [
 # conv-BN, 1x1, BN) 12 + 16 blocks x 18 = 306. ResNet conv1 .. layer4: 6 + 18 per block + 6 per
 # downsample = 318 (R50) / 624 (R101). ASPP: five conv-BN branches + the projection = 36; the v3
 # head adds a 3x3 conv-BN and the biased 1x1 (44), the v3+ head the 48-ch projection too (50).
-# VainF's own networks at commit 4e1087d have these counts (350, 356, 362, 368, 668, 674).
+# VainF's own networks at commit 4e1087d have these counts (350, 356, 362, 368, 668, 674) and the
+# same key lists, in order, as these references.
 VAINF_BACKBONE_TENSORS = {"mobilenetv2": 306, "resnet50": 318, "resnet101": 624}
 VAINF_HEAD_TENSORS = {"deeplabv3": 44, "deeplabv3plus": 50}
 VAINF_BACKBONE_KEYS = {
