@@ -58,12 +58,45 @@ def tensors(obj: Mapping[str, Any]) -> dict[str, Tensor]:
 
 # --------------------------------------------------------------------------- what is in a file
 
+# The "importer" of a recognised kind that nothing here converts: this prefix, then why.
+NOT_SUPPORTED = "not supported: "
+
+# kazuto1011/deeplab-pytorch's networks on its ResNet (keys `layer1.conv1.conv.*`, under `base.`
+# when wrapped in MSC), by head: (name, test on the keys without `base.`, importer). Only DeepLabV2
+# has released weights; DeepLabV1 is what its convert.py writes from the COCO initialisation.
+_KAZUTO_KINDS: list[tuple[str, Any, str]] = [
+    ("DeepLabV2", lambda k: "aspp.c0.weight" in k, "deeplab_core.weights.from_kazuto(checkpoint, num_classes)"),
+    ("DeepLabV3+", lambda k: "aspp.stages.c0.conv.weight" in k and "reduce.conv.weight" in k,
+     NOT_SUPPORTED + "kazuto releases no weights for it and only its DeepLabV2 converts; MSC (keys base.*) exists "
+     "only on our deeplabv2"),
+    ("DeepLabV3", lambda k: "aspp.stages.c0.conv.weight" in k,
+     NOT_SUPPORTED + "its head is ASPP -> 1x1 conv-BN-ReLU (fc1) -> 1x1 classes (fc2), ours has a 3x3 conv-BN-ReLU "
+     "between; kazuto releases no weights for it"),
+    ("DeepLabV1 / ResNet", lambda k: "fc.weight" in k,
+     NOT_SUPPORTED + "one fc layer on layer5 and no ASPP (the COCO initialisation convert.py writes, or an ImageNet "
+     "classifier), not a segmentation model; our deeplabv1 is VGG-16 LargeFOV"),
+]
+
+
+def _kazuto_kind(keys: set[str]) -> tuple[str, str] | None:
+    bare = {k.removeprefix("base.") for k in keys}
+    if "layer1.conv1.conv.weight" not in bare:
+        return None
+    msc = " with MSC" if "base.layer1.conv1.conv.weight" in keys else ""
+    return next(
+        ((f"kazuto1011/deeplab-pytorch {name}{msc}", importer) for name, test, importer in _KAZUTO_KINDS if test(bare)),
+        None,
+    )
+
+
+def _use(importer: str) -> str:
+    """How an error tells the user to read a recognised file: the importer, or why none does."""
+    return f"no importer reads it ({importer.removeprefix(NOT_SUPPORTED)})" if importer.startswith(
+        NOT_SUPPORTED) else f"use {importer}"
+
+
 # (kind, test on a state_dict's keys, importer to use). The first match wins.
 _STATE_DICT_KINDS: list[tuple[str, Any, str]] = [
-    ("kazuto1011/deeplab-pytorch DeepLabV2 with MSC", lambda k: "base.layer1.conv1.conv.weight" in k,
-     "deeplab_core.weights.from_kazuto(checkpoint, num_classes)"),
-    ("kazuto1011/deeplab-pytorch DeepLabV2", lambda k: "layer1.conv1.conv.weight" in k and "aspp.c0.weight" in k,
-     "deeplab_core.weights.from_kazuto(checkpoint, num_classes)"),
     ("VainF/DeepLabV3Plus-Pytorch DeepLabV3+ (state_dict)", lambda k: "classifier.project.0.weight" in k,
      "deeplab_core.weights.from_vainf(checkpoint, 'deeplabv3plus', backbone, num_classes, output_stride)"),
     ("VainF/DeepLabV3Plus-Pytorch DeepLabV3 (state_dict)", lambda k: "classifier.classifier.0.convs.0.0.weight" in k,
@@ -83,6 +116,8 @@ def identify(obj: Mapping[str, Any]) -> tuple[str, str] | None:
         kind = "VainF/DeepLabV3Plus-Pytorch training checkpoint"
         return (kind + (f" ({found[0]})" if found else "")), (found[1] if found else "deeplab_core.weights.from_vainf")
     keys = set(tensors(obj))
+    if kazuto := _kazuto_kind(keys):
+        return kazuto
     for kind, test, importer in _STATE_DICT_KINDS:
         if test(keys):
             return kind, importer
@@ -130,7 +165,7 @@ def key_differences(expected: Mapping[str, Tensor], found: Mapping[str, Tensor],
 def unknown_checkpoint_error(obj: Mapping[str, Any], origin: str, expected: str) -> ValueError:
     """The error for a file that is not what an importer reads: what it is (if known), what is in it."""
     found = identify(obj)
-    hint = f"it looks like a {found[0]}: use {found[1]}" if found else (
+    hint = f"it looks like a {found[0]}: {_use(found[1])}" if found else (
         "not recognised as any known checkpoint. Importers: deeplab_core.weights.from_torchvision (torchvision "
         "deeplabv3_resnet50/101), from_vainf (VainF/DeepLabV3Plus-Pytorch), from_kazuto (kazuto1011/deeplab-pytorch "
         "DeepLabV2); build_model(pretrained=...) for backbone weights by name"
@@ -177,7 +212,7 @@ def _refuse_peer_models(state_dict: Mapping[str, Any], origin: str) -> None:
     if found is not None and not found[0].startswith(("deeplab-ray", "torchvision")):
         raise ValueError(
             f"{origin} is a whole {found[0]}, not backbone weights; pretrained= loads a backbone by name. "
-            f"To get that model (backbone, head and all), use {found[1]}. Found {describe(state_dict)}"
+            f"To get that model (backbone, head and all): {_use(found[1])}. Found {describe(state_dict)}"
         )
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .loading import (  # noqa: F401 - re-exported: the public home of these names
+    NOT_SUPPORTED,
     Checkpoint,
     LoadReport,
     as_checkpoint,
@@ -167,9 +168,18 @@ _VAINF_SEPARABLE_KEYS: list[tuple[re.Pattern[str], str]] = [
 # Our separable conv as VainF's: depthwise -> pointwise -> BN -> ReLU (no BN + ReLU in between).
 _VAINF_SEPARABLE_OPTIONS = {"separable": True, "separable_depthwise_bn": False}
 _VAINF_CLASSIFIER = {"deeplabv3": "classifier.classifier.4.weight", "deeplabv3plus": "classifier.classifier.3.weight"}
-# VainF splits MobileNetV2's features into features[0:4] and features[4:-1].
+# VainF splits MobileNetV2's features by slicing the nn.Sequential: features[0:4] and
+# features[4:-1] (the last 1x1 conv to 1280 channels dropped). A slice keeps its children's names,
+# so the file's indices are torchvision's (and ours): low 0-3, high 4-17.
 _VAINF_MOBILENET = re.compile(r"^backbone\.(low|high)_level_features\.(\d+)\.")
-_VAINF_HIGH_START = 4
+_VAINF_MOBILENET_BLOCKS = {"low": set(range(0, 4)), "high": set(range(4, 18))}
+
+
+# What VainF's other backbones are, for the refusal.
+_VAINF_UNSUPPORTED = {
+    "xception": "Cadene's original Xception, block1-12 and conv1-4; ours is the aligned Xception-65",
+    "hrnetv2": "no HRNet backbone here",
+}
 
 
 def _vainf_arch(keys: set[str]) -> str | None:
@@ -193,10 +203,32 @@ def _vainf_backbone(keys: set[str]) -> str:
     return "an unknown backbone"
 
 
+def _span(indices: set[int]) -> str:
+    """'4-17' for a contiguous run, else the indices listed."""
+    if not indices:
+        return "none"
+    low, high = min(indices), max(indices)
+    return f"{low}-{high}" if high - low + 1 == len(indices) else ", ".join(map(str, sorted(indices)))
+
+
+def _check_vainf_mobilenet(keys: set[str], origin: str) -> None:
+    """Refuse, in one line, a MobileNetV2 split other than VainF's (e.g. renumbered slices, which
+    would otherwise map two blocks onto one of ours)."""
+    found: dict[str, set[int]] = {"low": set(), "high": set()}
+    for key in keys:
+        if match := _VAINF_MOBILENET.match(key):
+            found[match.group(1)].add(int(match.group(2)))
+    if found != _VAINF_MOBILENET_BLOCKS:
+        raise ValueError(
+            f"{origin}: not VainF's MobileNetV2 layout: backbone.low_level_features / high_level_features hold blocks "
+            f"{_span(found['low'])} / {_span(found['high'])}, VainF's modeling.py saves 0-3 / 4-17 (slices of "
+            f"features keep their indices; the last 1x1 conv is dropped)"
+        )
+
+
 def _vainf_key(key: str, arch: str, separable: bool) -> str:
     if match := _VAINF_MOBILENET.match(key):
-        index = int(match.group(2)) + (_VAINF_HIGH_START if match.group(1) == "high" else 0)
-        return f"backbone.features.{index}." + key[match.end():]
+        return f"backbone.features.{match.group(2)}." + key[match.end():]
     for pattern, replacement in _VAINF_SEPARABLE_KEYS if separable else ():
         if pattern.match(key):
             return pattern.sub(replacement, key, count=1)
@@ -229,9 +261,15 @@ def from_vainf(
     separable = any(k.startswith("classifier.") and ".body.0." in k for k in keys)
     found_backbone = _vainf_backbone(keys)
     if found_backbone not in _VAINF_BACKBONE_OPTIONS:
+        why = _VAINF_UNSUPPORTED.get(found_backbone, "no counterpart here")
         raise ValueError(
-            f"{origin}: VainF's {found_arch} with {found_backbone} is not supported; supported backbones: "
+            f"{origin}: VainF's {found_arch} with {found_backbone} is not supported ({why}); supported backbones: "
             f"{', '.join(_VAINF_BACKBONE_OPTIONS)}"
+        )
+    if separable and found_arch == "deeplabv3":
+        raise ValueError(
+            f"{origin}: VainF's deeplabv3 with separable convs in its head (convert_to_separable_conv on a v3 model; "
+            f"VainF's main.py applies it to v3+ only) is not supported: our deeplabv3 head has no separable option"
         )
     found_classes = state[_VAINF_CLASSIFIER[found_arch]].shape[0]
     if (arch, backbone, num_classes) != (found_arch, found_backbone, found_classes):
@@ -239,6 +277,8 @@ def from_vainf(
             f"{origin} holds VainF's {found_arch} with {found_backbone} and {found_classes} classes, not {arch} with "
             f"{backbone} and {num_classes} classes"
         )
+    if backbone == "mobilenetv2":
+        _check_vainf_mobilenet(keys, origin)
     model = _build(
         arch, backbone, num_classes, output_stride=output_stride,
         **_VAINF_BACKBONE_OPTIONS[backbone], **_VAINF_HEAD_OPTIONS[arch],
@@ -305,6 +345,9 @@ def from_kazuto(checkpoint: Checkpoint, num_classes: int) -> nn.Module:
     """
     obj = as_checkpoint(checkpoint)
     state = tensors(obj)
+    found = identify(obj)
+    if found is not None and found[1].startswith(NOT_SUPPORTED):
+        raise ValueError(f"{_origin(checkpoint)}: {found[0]} is {found[1]}")
     msc = any(k.startswith("base.") for k in state)
     bare = {k.removeprefix("base."): v for k, v in state.items()}
     if "layer1.conv1.conv.weight" not in bare or "aspp.c0.weight" not in bare:

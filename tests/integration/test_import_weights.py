@@ -37,6 +37,7 @@ def vainf_on_s3(s3_bucket, s3_options):
     reference = VainFModel("deeplabv3plus", "mobilenetv2", NUM_CLASSES, 16)
     perturb_batchnorm(reference)
     checkpoint = vainf_checkpoint(reference.eval())
+    assert "backbone.high_level_features.4.conv.0.0.weight" in checkpoint["model_state"]  # VainF's real layout
     uri = f"{s3_bucket}/peers/best_deeplabv3plus_mobilenet_synth_os16.pth"
     with s3fs.S3FileSystem(**s3_options).open(uri, "wb") as f:
         torch.save(checkpoint, f)

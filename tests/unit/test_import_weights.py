@@ -75,6 +75,10 @@ def error_line(err: str) -> str:
 
 
 def test_vainf_checkpoint_becomes_our_model_file_with_the_same_logits(vainf_file, vainf_reference, tmp_path, capsys):
+    # The file has VainF's real MobileNetV2 keys: sliced Sequentials keep blocks 0-3 / 4-17.
+    model_state = torch.load(vainf_file, weights_only=True)["model_state"]
+    assert {"backbone.low_level_features.0.0.weight", "backbone.high_level_features.4.conv.0.0.weight",
+            "backbone.high_level_features.17.conv.3.weight"} <= model_state.keys()
     out_dir = tmp_path / "imported"
     code, out, _ = run(["vainf", vainf_file, *VAINF_ARGS, "--output", out_dir], capsys)
     assert code == 0
@@ -202,6 +206,16 @@ def test_unrecognised_checkpoint_says_what_it_found(tmp_path, capsys):
     line = error_line(err)
     assert code == EXIT_USAGE and f"{path} is not recognised as a checkpoint of torchvision, VainF or kazuto1011" in line
     assert "top-level keys: epoch (int), net (dict)" in line and "encoder.conv.weight" in line
+
+
+def test_a_peer_network_nothing_converts_is_refused_saying_why(tmp_path, capsys):
+    kazuto_v3 = {k: torch.zeros(1) for k in ("base.layer1.conv1.conv.weight", "base.aspp.stages.c0.conv.weight",
+                                             "base.fc1.conv.weight", "base.fc2.weight")}
+    code, _, err = run(["kazuto", _save(tmp_path, kazuto_v3), "--num-classes", 21, "--output", tmp_path / "o"], capsys)
+    line = error_line(err)
+    assert code == EXIT_USAGE and "looks like a kazuto1011/deeplab-pytorch DeepLabV3 with MSC, which no importer" in line
+    assert "not supported: its head is ASPP -> 1x1 conv-BN-ReLU (fc1) -> 1x1 classes (fc2)" in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_another_programs_checkpoint_names_the_importer_to_use(tmp_path, capsys):

@@ -7,6 +7,7 @@ peer's file layout; the converted model must reproduce its logits to a relative 
 """
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -140,11 +141,11 @@ MOBILENET_V2 = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 
 
 
 class VainFMobileNetV2(nn.Module):
-    """VainF's MobileNetV2 features split as `low_level_features` (0..3) and
-    `high_level_features` (4..17). Once the output stride is reached a stage runs at stride 1 and
-    multiplies the rate; its first block keeps the previous rate."""
+    """VainF's MobileNetV2 classifier network: `features` = stem (unpadded 3x3 stride 2), 17
+    inverted residuals, a 1x1 conv to 1280 channels; then `classifier`. Once the output stride is
+    reached a stage runs at stride 1 and multiplies the rate; its first block keeps the previous rate."""
 
-    def __init__(self, output_stride: int) -> None:
+    def __init__(self, output_stride: int, num_classes: int = 1000) -> None:
         super().__init__()
         features: list[nn.Module] = [conv_bn_relu6(3, 32, 3, stride=2)]
         current_stride, rate, c_in = 2, 1, 32
@@ -159,25 +160,50 @@ class VainFMobileNetV2(nn.Module):
                     c_in, c_out, stride if i == 0 else 1, previous_rate if i == 0 else rate, expand
                 ))
                 c_in = c_out
-        self.low_level_features = nn.Sequential(*features[:4])
-        self.high_level_features = nn.Sequential(*features[4:])
+        features.append(conv_bn_relu6(c_in, 1280, 1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        low = self.low_level_features(x)
-        return {"low_level": low, "out": self.high_level_features(low)}
+
+def vainf_mobilenet_backbone(arch: str, output_stride: int) -> nn.Module:
+    """The backbone as VainF's modeling.py makes it: slice `features` (a slice of an nn.Sequential
+    keeps its children's names: blocks 0-3 and 4-17, the last conv dropped), set the classifier
+    network's own parts to None (gone from the state_dict), and wrap in IntermediateLayerGetter,
+    which keeps every child up to the last one returned: v3 keeps `low_level_features` too."""
+    net = VainFMobileNetV2(output_stride)
+    net.low_level_features = net.features[0:4]
+    net.high_level_features = net.features[4:-1]
+    net.features = None
+    net.classifier = None
+    returned = {"high_level_features": "out"}
+    if arch == "deeplabv3plus":
+        returned["low_level_features"] = "low_level"
+    return IntermediateLayerGetter(net, returned)
+
+
+def vainf_resnet_backbone(arch: str, backbone: str, output_stride: int) -> nn.Module:
+    """VainF's resnet.py is torchvision's; no multi-grid, dilation by replace_stride_with_dilation.
+    IntermediateLayerGetter keeps conv1 .. layer4 (avgpool and fc are cut off)."""
+    dilate = [False, True, True] if output_stride == 8 else [False, False, True]
+    net = getattr(torchvision.models, backbone)(replace_stride_with_dilation=dilate)
+    returned = {"layer4": "out"}
+    if arch == "deeplabv3plus":
+        returned["layer1"] = "low_level"
+    return IntermediateLayerGetter(net, returned)
 
 
 class VainFModel(nn.Module):
+    """VainF's `DeepLabV3` (`_SimpleSegmentationModel`): backbone, classifier, logits resized to
+    the input. `separable`: main.py's `--separable_conv` (v3+ only)."""
+
     def __init__(self, arch: str, backbone: str, num_classes: int, output_stride: int, separable: bool = False) -> None:
         super().__init__()
         rates = (12, 24, 36) if output_stride == 8 else (6, 12, 18)
         if backbone == "mobilenetv2":
-            self.backbone: nn.Module = VainFMobileNetV2(output_stride)
+            self.backbone = vainf_mobilenet_backbone(arch, output_stride)
             channels, low_channels = 320, 24
         else:
-            dilate = [False, True, True] if output_stride == 8 else [False, False, True]
-            net = getattr(torchvision.models, backbone)(replace_stride_with_dilation=dilate)
-            self.backbone = IntermediateLayerGetter(net, {"layer1": "low_level", "layer4": "out"})
+            self.backbone = vainf_resnet_backbone(arch, backbone, output_stride)
             channels, low_channels = 2048, 256
         if arch == "deeplabv3":
             self.classifier: nn.Module = VainFV3Head(channels, num_classes, rates)
@@ -218,7 +244,110 @@ VAINF_CASES = [
     for backbone in ("resnet50", "resnet101")
     for arch in ("deeplabv3", "deeplabv3plus")
     for output_stride in (16, 8)
-] + [("deeplabv3", "mobilenetv2", 16), ("deeplabv3plus", "mobilenetv2", 16), ("deeplabv3plus", "mobilenetv2", 8)]
+] + [(arch, "mobilenetv2", output_stride) for arch in ("deeplabv3", "deeplabv3plus") for output_stride in (16, 8)]
+
+
+# The layout of VainF's files, counted from its source (network/modeling.py, _deeplab.py,
+# backbone/*.py): a conv without bias is 1 tensor, a BatchNorm 5 (weight, bias, running_mean,
+# running_var, num_batches_tracked). MobileNetV2 (blocks 0-17): stem 6 + block 1 (depthwise
+# conv-BN, 1x1, BN) 12 + 16 blocks x 18 = 306. ResNet conv1 .. layer4: 6 + 18 per block + 6 per
+# downsample = 318 (R50) / 624 (R101). ASPP: five conv-BN branches + the projection = 36; the v3
+# head adds a 3x3 conv-BN and the biased 1x1 (44), the v3+ head the 48-ch projection too (50).
+# VainF's own networks at commit 4e1087d have these counts (350, 356, 362, 368, 668, 674) and the
+# same key lists, in order, as these references.
+VAINF_BACKBONE_TENSORS = {"mobilenetv2": 306, "resnet50": 318, "resnet101": 624}
+VAINF_HEAD_TENSORS = {"deeplabv3": 44, "deeplabv3plus": 50}
+VAINF_BACKBONE_KEYS = {
+    "mobilenetv2": {
+        "backbone.low_level_features.0.0.weight": (32, 3, 3, 3),
+        "backbone.low_level_features.1.conv.0.0.weight": (32, 1, 3, 3),  # block 1: no expansion
+        "backbone.low_level_features.3.conv.3.running_var": (24,),
+        "backbone.high_level_features.4.conv.0.0.weight": (144, 24, 1, 1),  # not renumbered from 0
+        "backbone.high_level_features.17.conv.2.weight": (320, 960, 1, 1),
+    },
+    "resnet50": {
+        "backbone.conv1.weight": (64, 3, 7, 7),
+        "backbone.layer1.0.downsample.0.weight": (256, 64, 1, 1),
+        "backbone.layer3.5.conv3.weight": (1024, 256, 1, 1),
+        "backbone.layer4.2.bn3.running_mean": (2048,),
+    },
+    "resnet101": {
+        "backbone.bn1.num_batches_tracked": (),
+        "backbone.layer3.22.conv3.weight": (1024, 256, 1, 1),
+        "backbone.layer4.0.downsample.1.weight": (2048,),
+    },
+}
+VAINF_HEAD_KEYS = {
+    "deeplabv3": {
+        "classifier.classifier.0.convs.0.0.weight": (256, "C", 1, 1),
+        "classifier.classifier.0.convs.3.0.weight": (256, "C", 3, 3),
+        "classifier.classifier.0.convs.4.1.weight": (256, "C", 1, 1),  # image pooling: conv after the pool
+        "classifier.classifier.0.project.0.weight": (256, 1280, 1, 1),
+        "classifier.classifier.1.weight": (256, 256, 3, 3),
+        "classifier.classifier.4.bias": (21,),
+    },
+    "deeplabv3plus": {
+        "classifier.project.0.weight": (48, "L", 1, 1),
+        "classifier.aspp.convs.3.0.weight": (256, "C", 3, 3),
+        "classifier.aspp.project.1.running_var": (256,),
+        "classifier.classifier.0.weight": (256, 304, 3, 3),  # one 3x3 conv on [low 48, ASPP 256]
+        "classifier.classifier.3.bias": (21,),
+    },
+}
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+@pytest.mark.parametrize("backbone", ["mobilenetv2", "resnet50", "resnet101"])
+@pytest.mark.parametrize("arch", ["deeplabv3", "deeplabv3plus"])
+def test_vainf_reference_has_the_peers_key_layout(arch, backbone, output_stride):
+    """The reference's state_dict is the layout of a file VainF's main.py saves: the importer is
+    tested against the real key names, not against our own idea of them."""
+    with torch.device("meta"):
+        state = VainFModel(arch, backbone, 21, output_stride).state_dict()
+    assert len(state) == VAINF_BACKBONE_TENSORS[backbone] + VAINF_HEAD_TENSORS[arch]
+    channels = {"C": 320 if backbone == "mobilenetv2" else 2048, "L": 24 if backbone == "mobilenetv2" else 256}
+    expected = {**VAINF_BACKBONE_KEYS[backbone], **VAINF_HEAD_KEYS[arch]}
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == tuple(channels.get(d, d) for d in shape), key
+    if backbone == "mobilenetv2":
+        blocks = {part: {int(k.split(".")[2]) for k in state if k.startswith(f"backbone.{part}_level_features.")}
+                  for part in ("low", "high")}
+        assert blocks == {"low": set(range(4)), "high": set(range(4, 18))}  # the 1x1 conv to 1280 (18) dropped
+        assert not any(k.startswith(("backbone.features.", "backbone.classifier.")) for k in state)  # set to None
+    else:
+        assert not any(k.startswith(("backbone.fc.", "backbone.avgpool")) for k in state)
+
+
+def test_vainf_separable_reference_key_layout():
+    """main.py's --separable_conv: every 3x3 conv of the v3+ head becomes `body` = (depthwise,
+    pointwise); 4 more tensors than the plain head (360 in VainF's own network too)."""
+    with torch.device("meta"):
+        state = VainFModel("deeplabv3plus", "mobilenetv2", 21, 16, separable=True).state_dict()
+    assert len(state) == 306 + 50 + 4
+    assert tuple(state["classifier.aspp.convs.1.0.body.0.weight"].shape) == (320, 1, 3, 3)
+    assert tuple(state["classifier.aspp.convs.1.0.body.1.weight"].shape) == (256, 320, 1, 1)
+    assert tuple(state["classifier.classifier.0.body.1.weight"].shape) == (256, 304, 1, 1)
+    assert "classifier.classifier.0.weight" not in state and "classifier.aspp.convs.4.1.weight" in state
+
+
+@pytest.mark.parametrize(
+    ("renumber", "found"),
+    [(lambda part, i: i - 4 if part == "high" else i, "0-3 / 0-13"),  # slices renumbered from 0
+     (lambda part, i: i + 1 if part == "high" else i, "0-3 / 5-18")],
+)
+def test_vainf_mobilenet_other_layouts_are_refused_in_one_line(vainf_states, renumber, found):
+    state = vainf_state(vainf_states, "deeplabv3", "mobilenetv2")
+
+    def rename(key: str) -> str:
+        parts = key.split(".")
+        if parts[1] in ("low_level_features", "high_level_features"):
+            parts[2] = str(renumber(parts[1].split("_")[0], int(parts[2])))
+        return ".".join(parts)
+
+    with pytest.raises(ValueError) as error:
+        from_vainf({rename(k): v for k, v in state.items()}, "deeplabv3", "mobilenetv2", 21)
+    message = str(error.value)
+    assert f"hold blocks {found}, VainF's modeling.py saves 0-3 / 4-17" in message and "\n" not in message
 
 
 @pytest.mark.parametrize(("arch", "backbone", "output_stride"), VAINF_CASES)
@@ -262,6 +391,29 @@ def test_from_vainf_separable_same_logits(output_stride):
     x = torch.randn(1, 3, *SIZE)
     with torch.no_grad():
         assert relative_difference(ours.eval()(x), reference.eval()(x)) < TOLERANCE
+
+
+def _with_backbone(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """A VainF head on another backbone (its first tensor names are enough for the refusal)."""
+    head = {k: v for k, v in state.items() if k.startswith("classifier.")}
+    return {f"backbone.{prefix}.weight": torch.zeros(1), **head}
+
+
+def test_other_vainf_variants_are_refused_naming_the_difference(vainf_states):
+    v3 = vainf_state(vainf_states, "deeplabv3", "mobilenetv2")
+    # convert_to_separable_conv applied to a v3 head (main.py does it for v3+ only).
+    separable_v3 = {k.replace(".convs.1.0.weight", ".convs.1.0.body.0.weight"): v for k, v in v3.items()}
+    cases = [
+        (separable_v3, "deeplabv3", "mobilenetv2", "VainF's deeplabv3 with separable convs in its head"),
+        (_with_backbone(v3, "block1.rep.1.conv1"), "deeplabv3", "resnet101",
+         "deeplabv3 with xception is not supported (Cadene's original Xception"),
+        (_with_backbone(v3, "stage4.0.branches.0.0.conv1"), "deeplabv3", "resnet101",
+         "deeplabv3 with hrnetv2 is not supported (no HRNet backbone here)"),
+    ]
+    for state, arch, backbone, message in cases:
+        with pytest.raises(ValueError) as error:
+            from_vainf(state, arch, backbone, 21)
+        assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_from_vainf_says_what_the_file_holds(vainf_states):
@@ -365,7 +517,6 @@ KAZUTO_SIZE = (33, 39)
 
 
 def test_from_kazuto_same_logits_with_msc(kazuto):
-    assert len(kazuto) == 632
     model = from_kazuto(kazuto, num_classes=21).eval()
     config = model.config
     assert config["msc_scales"] == [1.0, 0.75, 0.5] and config["msc_fusion"] == "score_map"
@@ -447,6 +598,51 @@ def test_unknown_checkpoint_says_what_it_found():
     message = str(error.value)
     assert "is not a VainF/DeepLabV3Plus-Pytorch" in message and "not recognised" in message and "from_kazuto" in message
     assert "top-level keys: epoch (int), net (dict)" in message and "encoder.conv.weight" in message
+
+
+def test_kazuto_reference_has_the_peers_key_layout(kazuto):
+    """kazuto's `DeepLabV2_ResNet101_MSC().state_dict()`: 632 tensors (the same list, in order, as
+    kazuto's own network at commit 4219467), `_ConvBnReLU` = (conv, bn), a `shortcut` only in a
+    stage's first block (the others are nn.Identity), ASPP branches `aspp.c0-3` with bias."""
+    assert len(kazuto) == 632
+    shapes = {
+        "base.layer1.conv1.conv.weight": (64, 3, 7, 7),
+        "base.layer1.conv1.bn.num_batches_tracked": (),
+        "base.layer2.block1.shortcut.conv.weight": (256, 64, 1, 1),  # stride 1, still a projection
+        "base.layer3.block1.reduce.conv.weight": (128, 256, 1, 1),  # the stride sits in this 1x1
+        "base.layer4.block23.increase.bn.running_var": (1024,),
+        "base.layer5.block3.conv3x3.conv.weight": (512, 512, 3, 3),
+        "base.aspp.c3.weight": (21, 2048, 3, 3),
+        "base.aspp.c3.bias": (21,),
+    }
+    for key, shape in shapes.items():
+        assert tuple(kazuto[key].shape) == shape, key
+    assert not any(".block2.shortcut." in k or k.startswith(("base.layer1.pool", "base.fc")) for k in kazuto)
+
+
+# Key names that tell kazuto's other networks apart (tensor values do not matter for the refusal).
+KAZUTO_OTHERS = {
+    "DeepLabV3 with MSC": ["base.layer1.conv1.conv.weight", "base.aspp.stages.c0.conv.weight",
+                           "base.aspp.stages.imagepool.conv.conv.weight", "base.fc1.conv.weight", "base.fc2.weight"],
+    "DeepLabV3+ with MSC": ["base.layer1.conv1.conv.weight", "base.aspp.stages.c0.conv.weight", "base.fc1.conv.weight",
+                            "base.reduce.conv.weight", "base.fc2.conv1.conv.weight"],
+    "DeepLabV1 / ResNet": ["layer1.conv1.conv.weight", "layer5.block3.increase.conv.weight", "fc.weight", "fc.bias"],
+}
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("DeepLabV3 with MSC", "ours has a 3x3 conv-BN-ReLU between"),
+    ("DeepLabV3+ with MSC", "kazuto releases no weights for it"),
+    ("DeepLabV1 / ResNet", "our deeplabv1 is VGG-16 LargeFOV"),
+])
+def test_kazutos_other_networks_are_refused_in_one_line(name, why):
+    state = {k: torch.zeros(1) for k in KAZUTO_OTHERS[name]}
+    with pytest.raises(ValueError) as error:
+        from_kazuto(state, 21)
+    message = str(error.value)
+    assert f"kazuto1011/deeplab-pytorch {name} is not supported: " in message and why in message and "\n" not in message
+    with pytest.raises(ValueError, match=f"looks like a kazuto1011/deeplab-pytorch {re.escape(name)}: no importer reads it"):
+        from_vainf(state, "deeplabv3plus", "resnet101", 21)
 
 
 def test_a_peer_file_given_to_the_wrong_importer_names_the_right_one(kazuto, vainf_states):
