@@ -331,7 +331,7 @@ def _register(cfg: ImportWeightsConfig, model_file: Path, config: Mapping[str, A
 
     tags = {f"source.{k}": v for k, v in source.items()}
     tags.update(arch=config["arch"], backbone=str(config["backbone"]))
-    if manifest is not None:  # the pair promotion compares (registry.recorded_metric)
+    if manifest is not None:  # informative: promotion measures on the operator's manifest itself
         tags.update({k: f"{v:.6f}" for k, v in metrics.items()}, val_manifest=manifest)
     tracking_uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     return tracking.register_imported_model(

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from pipelines.promotion.policy import EXIT_ERROR, EXIT_USAGE, TAG_PREFIX
+from pipelines.promotion.policy import EXIT_ERROR, EXIT_UNRELIABLE, EXIT_USAGE, TAG_PREFIX
 
 if TYPE_CHECKING:  # mlflow is imported lazily: `--help` and usage errors stay fast
     from mlflow import MlflowClient
@@ -49,6 +49,12 @@ class UsageError(PromotionError):
 
 class RegistryUnreachable(PromotionError):
     exit_code = EXIT_ERROR
+
+
+class UnreliableEvaluation(PromotionError):
+    """Too many rows of the validation manifest failed: the metric says little; nothing moves."""
+
+    exit_code = EXIT_UNRELIABLE
 
 
 def _mlflow_error_code(exc: BaseException) -> str | None:
@@ -130,6 +136,11 @@ def evaluation_tags(metric: str, manifest: str) -> tuple[str, str]:
     return f"{prefix}.{metric}", f"{prefix}.manifest"
 
 
+def error_share_tag(manifest: str) -> str:
+    """Tag key of the share of rows that failed in promotion's evaluation on `manifest`."""
+    return f"{TAG_PREFIX}eval.{_manifest_key(manifest)}.error_share"
+
+
 def _as_metric(value: str, what: str) -> float:
     try:
         number = float(value)
@@ -140,21 +151,16 @@ def _as_metric(value: str, what: str) -> float:
     return number
 
 
-def recorded_metric(version: "ModelVersion", metric: str, manifest: str | None) -> float | None:
-    """The version's metric on `manifest` if a tag already holds it, else None.
-
-    The training-time tag counts when its `val_manifest` is the same manifest (or both are
-    unknown); a value promotion measured earlier on `manifest` counts too.
-    """
+def recorded_metric(version: "ModelVersion", metric: str, manifest: str) -> tuple[float, float] | None:
+    """(value, error share) of the version's metric on `manifest` if promotion measured it there
+    before, else None. The training job's own `val_mIoU` tag is not used: it was measured on a
+    manifest the training run chose, and says nothing of how many rows failed."""
     tags = version.tags or {}
-    what = f"version {version.version} tag {metric}"
-    if metric in tags and tags.get(MANIFEST_TAG) == manifest:
-        return _as_metric(tags[metric], what)
-    if manifest is not None:
-        value_key, _ = evaluation_tags(metric, manifest)
-        if value_key in tags:
-            return _as_metric(tags[value_key], f"version {version.version} tag {value_key}")
-    return None
+    value_key, manifest_key = evaluation_tags(metric, manifest)
+    if value_key not in tags or tags.get(manifest_key) != manifest or error_share_tag(manifest) not in tags:
+        return None
+    return (_as_metric(tags[value_key], f"version {version.version} tag {value_key}"),
+            _as_metric(tags[error_share_tag(manifest)], f"version {version.version} tag {error_share_tag(manifest)}"))
 
 
 def mlflow_evaluator(client: "MlflowClient") -> Evaluator:
@@ -168,8 +174,10 @@ def mlflow_evaluator(client: "MlflowClient") -> Evaluator:
     def evaluate(model_uri: str, manifest_uri: str) -> Mapping[str, float]:
         import mlflow
 
-        from pipelines.common.checkpoints import checkpoint_file_in
+        from pipelines.common.checkpoints import check_weights, checkpoint_file_in
+        from pipelines.common.errors import InputError
         from pipelines.segmentation.evaluation import evaluate_model
+        from pipelines.tracking import registered_weights_sha256
 
         name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
         location = client.get_model_version_download_uri(name, version)
@@ -181,6 +189,12 @@ def mlflow_evaluator(client: "MlflowClient") -> Evaluator:
                 checkpoint = checkpoint_file_in(local)
             except FileNotFoundError as err:
                 raise PromotionError(f"the model version has no checkpoint: {err}") from None
+            try:  # the weights judged must be the weights registered (segment checks the same)
+                with open(checkpoint, "rb") as f:
+                    check_weights(f.read(), registered_weights_sha256(model_uri, client), model_uri)
+            except InputError as err:
+                raise UsageError(str(err)) from None
+            # The private temporary folder is ours alone: the file checked is the file evaluated.
             return evaluate_model(checkpoint, manifest_uri)
 
     return evaluate
@@ -194,40 +208,50 @@ def _evaluated_value(metrics: Mapping[str, float], metric: str) -> float:
     raise PromotionError(f"the evaluation returned no {metric!r} (keys: {sorted(metrics)})")
 
 
+def _error_share(metrics: Mapping[str, float]) -> float:
+    """Failed rows / all rows of an evaluation (`num_errors`, `num_images`; 0 if not reported)."""
+    errors, scored = float(metrics.get("num_errors", 0)), float(metrics.get("num_images", 0))
+    return errors / (errors + scored) if errors + scored else 0.0
+
+
+def _check_error_share(version: "ModelVersion", manifest: str, share: float, limit: float) -> None:
+    if share > limit:
+        raise UnreliableEvaluation(f"evaluation of version {version.version} on {manifest}: {share:.1%} of the "
+                                   f"rows failed (limit {limit:.1%}); not promoting on it (see the errors, "
+                                   "or raise --max-error-share)")
+
+
 def metric_on_manifest(client: "MlflowClient", version: "ModelVersion", metric: str,
-                       manifest: str | None, evaluate: Evaluator, record: bool) -> float:
-    """The version's metric on `manifest`: from its tags, else evaluated (and recorded as tags
-    unless `record` is False)."""
-    value = recorded_metric(version, metric, manifest)
-    if value is not None:
-        return value
-    if manifest is None:
-        raise UsageError(f"version {version.version} has no {metric!r} tag and no validation "
-                         "manifest is known: pass --val-manifest to evaluate it")
-    value = _evaluated_value(evaluate(f"models:/{version.name}/{version.version}", manifest), metric)
-    if record:
-        tags = version.tags or {}
-        if metric not in tags and tags.get(MANIFEST_TAG) in (None, manifest):
-            # A version registered without its metric gets the training-time pair filled in.
-            new_tags = {metric: repr(value), MANIFEST_TAG: manifest}
-        else:
+                       manifest: str, evaluate: Evaluator, record: bool, max_error_share: float) -> float:
+    """The version's metric on `manifest`: from promotion's earlier evaluation there (tags), else
+    evaluated now (and recorded as tags unless `record` is False). Raises UnreliableEvaluation
+    when more than `max_error_share` of the rows failed."""
+    recorded = recorded_metric(version, metric, manifest)
+    if recorded is not None:
+        value, share = recorded
+    else:
+        metrics = evaluate(f"models:/{version.name}/{version.version}", manifest)
+        value, share = _evaluated_value(metrics, metric), _error_share(metrics)
+        if record:
             value_key, manifest_key = evaluation_tags(metric, manifest)
-            new_tags = {value_key: repr(value), manifest_key: manifest}
-        for key, text in new_tags.items():
-            client.set_model_version_tag(version.name, version.version, key, text)
+            for key, text in {value_key: repr(value), manifest_key: manifest,
+                              error_share_tag(manifest): repr(share)}.items():
+                client.set_model_version_tag(version.name, version.version, key, text)
+    _check_error_share(version, manifest, share, max_error_share)
     return value
 
 
-def reference_manifest(explicit: str | None, candidate: "ModelVersion",
-                       champion: "ModelVersion | None") -> str | None:
-    """The manifest both versions are compared on: --val-manifest, else the candidate's, else
-    the champion's `val_manifest` tag."""
+def reference_manifest(client: "MlflowClient", name: str, explicit: str | None) -> str:
+    """The manifest both versions are compared on, chosen by the operator: --val-manifest, else
+    the registered model's own `val_manifest` tag. Never a version's tag: the candidate must not
+    choose what it is judged on."""
     if explicit:
         return explicit
-    for version in (candidate, champion):
-        if version is not None and (version.tags or {}).get(MANIFEST_TAG):
-            return version.tags[MANIFEST_TAG]
-    return None
+    manifest = (client.get_registered_model(name).tags or {}).get(MANIFEST_TAG)
+    if not manifest:
+        raise UsageError(f"no validation manifest to compare on: pass --val-manifest, or set the tag "
+                         f"{MANIFEST_TAG!r} on the registered model {name!r} (not on a version)")
+    return manifest
 
 
 def _lock_owner() -> str:
