@@ -1,7 +1,13 @@
-"""A shared cluster's defences, live on loopback: weights swapped after registration are refused."""
+"""A shared cluster's defences, live on loopback: weights swapped after registration are refused,
+a Ray head with token auth runs only jobs that carry the token, an MLflow server with basic-auth
+lets only the right user register and promote."""
 
 from __future__ import annotations
 
+import os
+import secrets
+import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -9,6 +15,7 @@ import pytest
 
 from pipelines import segment, tracking
 from pipelines.tracking import WEIGHTS_TAG
+from tests.servers import BIN, RayHead
 
 TINY = {"arch": "deeplabv3plus", "backbone": "mobilenetv2", "num_classes": 3, "width_mult": 0.25}
 
@@ -67,3 +74,42 @@ def test_weights_replaced_through_the_artifact_proxy_are_refused(mlflow_server, 
     assert line.startswith(f"segment.py: error: weights of models:/{name}/{version} do not match its "
                            f"{WEIGHTS_TAG} tag")
     assert not (tmp_path / "out" / "masks").exists()
+
+
+# --------------------------------------------------------------------------- Ray token auth
+
+
+def ray_job_submit(head, env: dict[str, str], home: Path) -> subprocess.CompletedProcess:
+    """`ray job submit` of a one-line job from a clean environment (HOME without ~/.ray/auth_token)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--",
+         "python", "-c", "print('ran-on-the-cluster')"],
+        env={**base, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", **env},
+        capture_output=True, text=True, timeout=180)
+
+
+def test_a_ray_head_with_token_auth_runs_only_jobs_that_carry_the_token(tmp_path):
+    """Its own small head (the session's cluster runs without auth and is left alone)."""
+    token = secrets.token_hex(32)
+    home = tmp_path / "home"
+    home.mkdir()
+    head = RayHead(num_cpus=1, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(home)})
+    try:
+        head.start(tmp_path / "head.log")
+        for _ in range(4):  # on a busy machine the head's job agent comes up after its dashboard
+            accepted = ray_job_submit(head, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, home)
+            if "No available agent" not in accepted.stderr:
+                break
+            time.sleep(5)
+        refused = ray_job_submit(head, {"RAY_AUTH_MODE": "disabled"}, home)
+        wrong = ray_job_submit(head, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}, home)
+    finally:
+        head.stop()
+    assert accepted.returncode == 0, (accepted.stdout + accepted.stderr)[-3000:]
+    assert "ran-on-the-cluster" in accepted.stdout
+    for outsider in (refused, wrong):
+        output = outsider.stdout + outsider.stderr
+        assert outsider.returncode != 0 and "ran-on-the-cluster" not in output, output[-2000:]
+        assert "401" in output or "uthenticat" in output, output[-2000:]
+    assert token not in accepted.stdout + accepted.stderr + refused.stdout + refused.stderr
