@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field, field_validator
 
 from pipelines.common.config import Section
+from pipelines.data.storage import redact_urls
 from pipelines.tracking import fail_fast_http
 from pipelines.promotion.policy import (
     DEFAULT_ALIAS,
@@ -128,8 +129,8 @@ def promote(name: str, candidate: str = "latest", *, client: "MlflowClient | Non
                 if decision.outcome != "unchanged":
                     if decision.promoted:
                         client.set_registered_model_alias(name, policy.alias, cand.version)
-                    for key, value in decision.tags().items():
-                        client.set_model_version_tag(name, cand.version, key, value)
+                    for key, value in decision.tags().items():  # a password in a manifest URI stays out
+                        client.set_model_version_tag(name, cand.version, key, redact_urls(value))
                 after = alias_target(client, name, policy.alias)
                 expected = str(cand.version) if decision.promoted else _version_of(champ)
                 if after != expected:

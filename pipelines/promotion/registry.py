@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from pipelines.data.storage import redact_urls
 from pipelines.promotion.policy import EXIT_ERROR, EXIT_UNRELIABLE, EXIT_USAGE, TAG_PREFIX
 
 if TYPE_CHECKING:  # mlflow is imported lazily: `--help` and usage errors stay fast
@@ -157,7 +158,7 @@ def recorded_metric(version: "ModelVersion", metric: str, manifest: str) -> tupl
     manifest the training run chose, and says nothing of how many rows failed."""
     tags = version.tags or {}
     value_key, manifest_key = evaluation_tags(metric, manifest)
-    if value_key not in tags or tags.get(manifest_key) != manifest or error_share_tag(manifest) not in tags:
+    if value_key not in tags or tags.get(manifest_key) != redact_urls(manifest) or error_share_tag(manifest) not in tags:
         return None
     return (_as_metric(tags[value_key], f"version {version.version} tag {value_key}"),
             _as_metric(tags[error_share_tag(manifest)], f"version {version.version} tag {error_share_tag(manifest)}"))
@@ -234,7 +235,7 @@ def metric_on_manifest(client: "MlflowClient", version: "ModelVersion", metric: 
         value, share = _evaluated_value(metrics, metric), _error_share(metrics)
         if record:
             value_key, manifest_key = evaluation_tags(metric, manifest)
-            for key, text in {value_key: repr(value), manifest_key: manifest,
+            for key, text in {value_key: repr(value), manifest_key: redact_urls(manifest),
                               error_share_tag(manifest): repr(share)}.items():
                 client.set_model_version_tag(version.name, version.version, key, text)
     _check_error_share(version, manifest, share, max_error_share)

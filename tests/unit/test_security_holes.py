@@ -12,3 +12,42 @@ def test_ids_with_characters_special_to_a_store_are_refused(bad):
     """`a?versionId=3` would be written as `masks/a` on S3: another id's mask, never finished."""
     with pytest.raises(ValueError, match="special to URLs"):
         check_id(bad)
+
+
+AZURE = "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=c2VjcmV0S2V5MTIz;EndpointSuffix=core.windows.net"
+
+
+def test_secret_option_names_of_every_supported_store_are_redacted():
+    from pipelines.data.storage import REDACTED, redact
+
+    options = {
+        "s3": {"key": "AKIAX", "secret": "s3cr3t", "token": "t0k3n", "client_kwargs": {"region_name": "x"}},
+        "gcs": {"token": {"private_key": "-----BEGIN", "client_email": "a@b"}, "project": "p"},
+        "azure": {"connection_string": AZURE, "account_key": "k3y", "sas_token": "sv=1&sig=abc",
+                  "client_secret": "cs", "account_name": "acct"},
+        "url": "https://user:hunter2pw@host/data/val.parquet",
+    }
+    text = str(redact(options))
+    for secret in ("AKIAX", "s3cr3t", "t0k3n", "-----BEGIN", "c2VjcmV0S2V5MTIz", "k3y", "sig=abc", "hunter2pw"):
+        assert secret not in text, secret
+    assert REDACTED in text and "acct" in text and "region_name" in text  # only the secrets go
+
+
+def test_connection_strings_and_sas_urls_in_free_text_are_redacted():
+    from pipelines.data.storage import redact_urls
+
+    line = f"cannot open {AZURE} or https://acct.blob.core.windows.net/c/m.parquet?sv=2024&sig=AbC%2Bd"
+    shown = redact_urls(line)
+    assert "c2VjcmV0S2V5MTIz" not in shown and "AbC%2Bd" not in shown
+    assert "AccountName=acct" in shown and "sv=2024" in shown
+
+
+def test_the_fingerprint_file_holds_no_password(tmp_path):
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.resume import fingerprint
+
+    cfg = TrainConfig.model_validate({"data": {"train_manifest": "https://u:hunter2pw@host/train.parquet",
+                                               "val_manifest": "https://u:hunter2pw@host/val.parquet"}})
+    values = fingerprint(cfg)
+    assert "hunter2pw" not in str(values)
+    assert values["data.train_manifest"] == "https://u:***@host/train.parquet"
