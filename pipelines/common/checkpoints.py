@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deeplab_core.constants import IGNORE_INDEX
 from deeplab_core.models import build_model
 from pipelines.common.errors import InputError
 from pipelines.data.storage import get_fs
@@ -56,6 +57,8 @@ def build_from_payload(payload: dict, map_location: str | torch.device = "cpu") 
         raise ValueError(f"not a deeplab-ray checkpoint: missing {sorted(missing)}")
     config = dict(payload["model_config"])
     config.pop("pretrained", None)  # weights come from the checkpoint, never re-downloaded
+    if int(config.get("num_classes", 0)) > IGNORE_INDEX:  # class ids would wrap in uint8 masks
+        raise ValueError(f"the checkpoint predicts {config['num_classes']} classes; masks hold at most {IGNORE_INDEX}")
     model = build_model(**config)
     model.load_state_dict(payload["model"])
     return model.to(map_location).eval(), dict(payload.get("meta", {}))

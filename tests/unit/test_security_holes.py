@@ -51,3 +51,24 @@ def test_the_fingerprint_file_holds_no_password(tmp_path):
     values = fingerprint(cfg)
     assert "hunter2pw" not in str(values)
     assert values["data.train_manifest"] == "https://u:***@host/train.parquet"
+
+
+def test_more_than_255_classes_is_refused_at_config_time():
+    """Masks are uint8 with 255 = ignore: class 256 would be written as 0."""
+    from pipelines.common.config import ConfigError, load_config
+    from pipelines.promotion.importing import ImportWeightsConfig
+    from pipelines.training.config import TrainConfig
+
+    assert TrainConfig.model_validate({"model": {"num_classes": 255}}).model.num_classes == 255
+    with pytest.raises(ConfigError, match="num_classes"):
+        load_config(TrainConfig, None, ["model.num_classes=256"])
+    with pytest.raises(ConfigError, match="num_classes"):
+        load_config(ImportWeightsConfig, None, [], {"kind": "vainf", "uri": "x.pth", "arch": "deeplabv3plus",
+                                                     "num_classes": 300})
+
+
+def test_a_checkpoint_with_more_than_255_classes_is_refused_on_load():
+    from pipelines.common.checkpoints import build_from_payload
+
+    with pytest.raises(ValueError, match="300 classes"):
+        build_from_payload({"model": {}, "model_config": {"arch": "deeplabv3", "num_classes": 300}})
