@@ -299,19 +299,30 @@ def _break_if_stale(client: "MlflowClient", lock_name: str, stale_after_s: float
         raise
     age_s = time.time() - lock.creation_timestamp / 1000
     if age_s > stale_after_s:
-        print(f"promote: breaking stale lock {lock_name!r} held by {lock.tags.get('owner')} "
-              f"for {age_s:.0f}s", file=sys.stderr)
-        _release(client, lock_name, owner=None)
+        owner = (lock.tags or {}).get("owner")
+        print(f"promote: breaking stale lock {lock_name!r} held by {owner} for {age_s:.0f}s", file=sys.stderr)
+        _release(client, lock_name, owner)
 
 
 def _release(client: "MlflowClient", lock_name: str, owner: str | None) -> None:
-    """Delete the lock (only ours, unless `owner` is None: breaking a stale one)."""
+    """Compare-and-delete: delete the lock only if it still is the one `owner` holds. MLflow has no
+    conditional delete, so the lock is first renamed aside (atomic: one renamer wins), its owner
+    checked there, and a lock that turns out to be someone else's fresh one is put back. A plain
+    read-then-delete could delete a lock created between the two calls."""
     from mlflow.exceptions import MlflowException
 
+    aside = f"{lock_name}.releasing-{uuid.uuid4().hex[:8]}"
     try:
-        if owner is not None and client.get_registered_model(lock_name).tags.get("owner") != owner:
-            return
-        client.delete_registered_model(lock_name)
+        client.rename_registered_model(lock_name, aside)
     except MlflowException as exc:
         if _mlflow_error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
             raise
+        return  # released or broken by someone else already
+    if (client.get_registered_model(aside).tags or {}).get("owner") == owner:
+        client.delete_registered_model(aside)
+        return
+    try:  # not the lock we meant: give it back to its holder
+        client.rename_registered_model(aside, lock_name)
+    except MlflowException:
+        client.delete_registered_model(aside)  # a newer lock took the name: its holder proceeds
+        raise

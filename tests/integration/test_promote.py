@@ -422,3 +422,30 @@ def test_cli_refuses_a_missing_local_database(tmp_path, capsys):
     assert main(["--candidate", "1", "--tracking-uri", f"sqlite:///{missing}"]) == 2
     assert f"no MLflow database at {missing}" in capsys.readouterr().err
     assert not missing.exists(), "a mistyped path must not leave an empty database behind"
+
+
+def test_breaking_a_stale_lock_never_deletes_a_fresh_one(client, model_name):
+    """Another promoter breaks the stale lock and takes a fresh one between our look at the lock
+    and our delete: compare-and-delete on the owner leaves the fresh lock alone."""
+    from pipelines.promotion.registry import _break_if_stale
+
+    lock = model_name + LOCK_SUFFIX
+    client.create_registered_model(lock, tags={"owner": "crashed-host:1:x"})
+
+    class Interleaved(type(client)):
+        """The real client; the first look at the lock is followed by the other promoter's moves."""
+
+        swapped = False
+
+        def get_registered_model(self, name):
+            seen = super().get_registered_model(name)
+            if name == lock and not self.swapped:
+                self.swapped = True
+                super().delete_registered_model(lock)  # the other promoter broke it...
+                super().create_registered_model(lock, tags={"owner": "fresh-host:2:y"})  # ...and holds it
+            return seen
+
+    racing = Interleaved(tracking_uri=client.tracking_uri, registry_uri=client._registry_uri)
+    _break_if_stale(racing, lock, stale_after_s=0.0)
+    assert client.get_registered_model(lock).tags["owner"] == "fresh-host:2:y"
+    assert not [m for m in client.search_registered_models(f"name LIKE '{lock}%'") if m.name != lock]
