@@ -72,3 +72,29 @@ def test_a_checkpoint_with_more_than_255_classes_is_refused_on_load():
 
     with pytest.raises(ValueError, match="300 classes"):
         build_from_payload({"model": {}, "model_config": {"arch": "deeplabv3", "num_classes": 300}})
+
+
+def test_a_file_over_the_byte_cap_is_an_error_record_and_is_not_read_whole(tmp_path, monkeypatch):
+    """A valid 8x8 PNG followed by 3 MiB of padding: decoders would accept it, after reading all."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.data import rows
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
+    (tmp_path / "big.png").write_bytes(buffer.getvalue() + b"\0" * (3 * 1024**2))
+    (tmp_path / "small.png").write_bytes(buffer.getvalue())
+    read_sizes = []
+    original = rows._capped
+    monkeypatch.setattr(rows, "_capped", lambda content, cap: read_sizes.append(len(content)) or original(content, cap))
+    monkeypatch.setenv(rows.MAX_FILE_BYTES_ENV, str(1024**2))
+    decoder = rows.RowDecoder(None, None, 10**8, require_masks=False)
+    big, small = decoder.decode_rows(["big", "small"], [str(tmp_path / "big.png"), str(tmp_path / "small.png")])
+    assert big.error is not None and big.error.stage == "read" and "1 MiB per-file cap" in big.error.reason
+    assert small.error is None and small.image.shape == (8, 8, 3)
+    assert max(read_sizes) <= 1024**2 + 1  # a ranged read: the rest of the file never came in
+    monkeypatch.delenv(rows.MAX_FILE_BYTES_ENV)
+    assert rows.RowDecoder(None, None, 10**8, require_masks=False).max_bytes == rows.DEFAULT_MAX_FILE_BYTES
