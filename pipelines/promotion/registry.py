@@ -304,6 +304,10 @@ def _break_if_stale(client: "MlflowClient", lock_name: str, stale_after_s: float
         _release(client, lock_name, owner)
 
 
+def _exists(client: "MlflowClient", name: str) -> bool:
+    return bool(client.search_registered_models(f"name = '{name}'"))
+
+
 def _release(client: "MlflowClient", lock_name: str, owner: str | None) -> None:
     """Compare-and-delete: delete the lock only if it still is the one `owner` holds. MLflow has no
     conditional delete, so the lock is first renamed aside (atomic: one renamer wins), its owner
@@ -314,10 +318,13 @@ def _release(client: "MlflowClient", lock_name: str, owner: str | None) -> None:
     aside = f"{lock_name}.releasing-{uuid.uuid4().hex[:8]}"
     try:
         client.rename_registered_model(lock_name, aside)
-    except MlflowException as exc:
-        if _mlflow_error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+    except MlflowException:
+        # Under load a rename may go through and its retried request then find no lock: go by
+        # what the registry holds now, not by the error.
+        if not _exists(client, aside):
+            if not _exists(client, lock_name):
+                return  # released or broken by someone else already
             raise
-        return  # released or broken by someone else already
     if (client.get_registered_model(aside).tags or {}).get("owner") == owner:
         client.delete_registered_model(aside)
         return
