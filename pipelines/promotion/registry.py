@@ -275,7 +275,9 @@ def promotion_lock(client: "MlflowClient", name: str, timeout_s: float = 120.0,
                 description=f"Held while promoting {name!r}; delete it only if stuck.")
             break
         except MlflowException as exc:
-            if _mlflow_error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+            # RESOURCE_DOES_NOT_EXIST: the server found the name taken, then could not read the lock
+            # back for its error message because its holder had just renamed it aside (released).
+            if _mlflow_error_code(exc) not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         _break_if_stale(client, lock_name, stale_after_s)
         if time.monotonic() > deadline:
