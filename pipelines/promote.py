@@ -5,7 +5,7 @@
 
 Every setting is a field of PromoteConfig (pipelines/promotion/job.py): flags, or `--config FILE`
 plus `key=value` overrides. Exit codes: 0 promoted, 3 rejected, 2 usage / unknown model or
-version, 1 other errors.
+version / replaced weights, 4 too many failed rows in an evaluation, 1 other errors.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ EPILOG = """\
 exit codes:
   0  promoted (or the candidate already is the champion)
   3  rejected: the champion stays (not an error; cron can tell it apart)
-  2  usage error: bad arguments, unknown model or version, no manifest to evaluate on
+  2  usage error: bad arguments, unknown model or version, no manifest to evaluate on,
+     weights that do not match the version's weights.sha256 tag
+  4  an evaluation had more than --max-error-share failed rows: nothing moved
   1  registry unreachable or any other error
 
 The decision is printed as one line and recorded on the candidate version as tags
@@ -35,8 +37,8 @@ Network behaviour follows MLflow's MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP
 this command defaults them to 2 retries and 30 s so that an unreachable server fails fast.
 """
 
-VALUE_FLAGS = ("model", "candidate", "metric", "min_improvement", "val_manifest", "alias", "tracking_uri",
-               "registry_uri", "lock_timeout")
+VALUE_FLAGS = ("model", "candidate", "metric", "min_improvement", "val_manifest", "max_error_share", "alias",
+               "tracking_uri", "registry_uri", "lock_timeout")
 SWITCHES = ("lower_is_better", "dry_run")
 
 

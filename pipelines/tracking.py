@@ -28,6 +28,9 @@ from pipelines.common.console import is_verbose
 from pipelines.data.storage import is_local, redact, redact_urls
 
 MODEL_ARTIFACT = "model"
+# Version tag: sha256 of the version's model.pt, set when it is registered. Every load compares
+# it with the bytes it read, so weights replaced in the artifact store are refused.
+WEIGHTS_TAG = "weights.sha256"
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 _PARAM_MAX_CHARS = 6000  # MLflow's limit for a param value
 _REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -298,6 +301,7 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, regis
     from pipelines.common.checkpoints import model_from_checkpoint_file
 
     mlflow.set_tracking_uri(tracking_uri)
+    weights_sha256 = file_sha256(model_file)
     torch_model = model_from_checkpoint_file(str(model_file))[0] if pytorch_flavor else None
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # The signature is given; an input example would make MLflow load and run the model here.
@@ -312,19 +316,49 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, regis
             signature=_image_signature(),
             python_model=str(_REPO_ROOT / "pipelines" / "common" / "pyfunc_model.py"),
             artifacts={"checkpoint": str(model_file)},
+            model_config={WEIGHTS_TAG: weights_sha256},  # the pyfunc checks its checkpoint on load
             code_paths=[str(_REPO_ROOT / "deeplab_core"), str(_REPO_ROOT / "pipelines")],
             pip_requirements=["torch", "torchvision", "numpy", "pillow", "opencv-python-headless"],
         )
     if registered_model is None:
         return None
     client = mlflow.MlflowClient(tracking_uri)
-    version = _register(client, info, registered_model, run_id)
-    for key, value in tags.items():
-        client.set_model_version_tag(registered_model, version.version, key, str(value))
+    all_tags = {**{key: str(value) for key, value in tags.items()}, WEIGHTS_TAG: weights_sha256}
+    version = _register(client, info, registered_model, run_id, all_tags)
     return str(version.version)
 
 
-def _register(client, info, name: str, run_id: str):
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def registered_weights_sha256(model_uri: str, client=None) -> str | None:
+    """The `weights.sha256` tag of the registered version a `models:/name/<version>` or
+    `models:/name@alias` URI names (current tracking URI, or `client`'s); None for other URIs
+    (`runs:/`, paths: not registered). Raises InputError for a version without the tag."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([^/]+))", model_uri)
+    if match is None:
+        return None
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    name, number, alias = match.groups()
+    version = (client.get_model_version(name, number) if number
+               else client.get_model_version_by_alias(name, alias))
+    expected = (version.tags or {}).get(WEIGHTS_TAG)
+    if not expected:
+        raise InputError(f"version {version.version} of {name!r} has no {WEIGHTS_TAG} tag (registered before "
+                         "weight checks): check its model.pt and tag it (docs/operations.md, weight integrity)")
+    return expected
+
+
+def _register(client, info, name: str, run_id: str, tags: Mapping[str, str]):
     """A new version of `name` from the logged model `info`. What `mlflow.register_model` does
     for a `models:/<model_id>` URI, without its unconditional stderr lines ("Successfully
     registered model", "Created version"): the job prints its own. `--verbose` keeps MLflow's."""
@@ -332,13 +366,15 @@ def _register(client, info, name: str, run_id: str):
     from mlflow.exceptions import MlflowException
 
     if is_verbose():
-        return mlflow.register_model(info.model_uri, name)
+        return mlflow.register_model(info.model_uri, name, tags=dict(tags))
     try:
         client.create_registered_model(name)
     except MlflowException as err:
         if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    return client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id)
+    # Tags at creation: a version never exists without its weights' digest.
+    return client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+                                       tags=dict(tags))
 
 
 @contextmanager

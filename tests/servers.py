@@ -46,8 +46,9 @@ def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None =
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
 
 
-def http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback only
+def http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=2) as resp:  # noqa: S310 - loopback only
         return resp.status == 200
 
 
@@ -114,7 +115,10 @@ class RayHead:
         log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process' lifetime
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        wait_until(lambda: http_ok(f"{self.dashboard_url}/api/version"), 120, "ray head", self.proc)
+        # A head with token auth (env RAY_AUTH_TOKEN) answers only requests that carry the token.
+        token = self.env.get("RAY_AUTH_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        wait_until(lambda: http_ok(f"{self.dashboard_url}/api/version", headers), 120, "ray head", self.proc)
         return self
 
     def stop(self) -> None:

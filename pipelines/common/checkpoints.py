@@ -8,6 +8,7 @@ iteration, RNG). Everything is plain tensors and containers, so it all loads wit
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -15,9 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deeplab_core.constants import IGNORE_INDEX
 from deeplab_core.models import build_model
+from pipelines.common.errors import InputError
 from pipelines.data.storage import get_fs
-from pipelines.tracking import downloaded_model, is_registry_uri
+from pipelines.tracking import WEIGHTS_TAG, downloaded_model, is_registry_uri, registered_weights_sha256
 
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -54,16 +57,37 @@ def build_from_payload(payload: dict, map_location: str | torch.device = "cpu") 
         raise ValueError(f"not a deeplab-ray checkpoint: missing {sorted(missing)}")
     config = dict(payload["model_config"])
     config.pop("pretrained", None)  # weights come from the checkpoint, never re-downloaded
+    if int(config.get("num_classes", 0)) > IGNORE_INDEX:  # class ids would wrap in uint8 masks
+        raise ValueError(f"the checkpoint predicts {config['num_classes']} classes; masks hold at most {IGNORE_INDEX}")
     model = build_model(**config)
     model.load_state_dict(payload["model"])
     return model.to(map_location).eval(), dict(payload.get("meta", {}))
 
 
+class WeightsMismatch(InputError):
+    """A model.pt whose bytes are not the ones its registered version recorded."""
+
+
+def check_weights(data: bytes, expected: str | None, what: str) -> None:
+    """Raises WeightsMismatch unless sha256(`data`) is `expected` (None: nothing to check)."""
+    if expected is None:
+        return
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected.lower():
+        raise WeightsMismatch(f"weights of {what} do not match its {WEIGHTS_TAG} tag (sha256 {actual[:12]}... "
+                              f"!= {expected[:12]}...): model.pt was replaced after registration; refusing it")
+
+
 def model_from_checkpoint_file(uri: str, map_location: str | torch.device = "cpu",
-                               storage_options: dict | None = None) -> tuple[nn.Module, dict]:
+                               storage_options: dict | None = None,
+                               expected_sha256: str | None = None, what: str | None = None) -> tuple[nn.Module, dict]:
+    """The model in a `model.pt`; with `expected_sha256`, the bytes read are checked against it
+    before torch sees them (hashing the bytes loaded, not the file, leaves no window to swap it)."""
     fs, path = get_fs(uri, storage_options)
     with fs.open(path, "rb") as f:
-        payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        data = f.read()
+    check_weights(data, expected_sha256, what or uri)
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     return build_from_payload(payload, map_location)
 
 
@@ -80,10 +104,13 @@ def load_model(uri: str, map_location: str | torch.device = "cpu",
 
     `models:/name@alias`, `models:/name/version`, `runs:/<run_id>/model` (MLflow, using the
     current tracking URI), a checkpoint directory or a `model.pt` file on any fsspec URI.
+    A registered version's weights must match its `weights.sha256` tag (WeightsMismatch).
     """
     if is_registry_uri(uri):
+        expected = registered_weights_sha256(uri)
         with downloaded_model(uri) as local:
-            return model_from_checkpoint_file(checkpoint_file_in(local), map_location)
+            return model_from_checkpoint_file(checkpoint_file_in(local), map_location, expected_sha256=expected,
+                                              what=uri)
     fs, path = get_fs(uri, storage_options)
     if fs.isdir(path):
         uri = uri.rstrip("/") + "/" + MODEL_FILE

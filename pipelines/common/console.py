@@ -13,10 +13,11 @@ logging levels: what they need travels as environment variables of the local clu
 
 from __future__ import annotations
 
-import hashlib
+import atexit
 import json
 import logging
 import os
+import shutil
 import tempfile
 
 _RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune")
@@ -95,11 +96,12 @@ def local_cluster_env() -> dict[str, str]:
     config["handlers"]["console"]["level"] = "WARNING"
     config["loggers"][_RAY_DATA_PROGRESS_LOGGER] = {"level": "ERROR"}
     text = json.dumps(config, sort_keys=True)  # JSON is YAML, which Ray Data reads
-    # Named by content: every run with this Ray writes (and leaves) the same small file.
-    path = os.path.join(tempfile.gettempdir(), f"deeplab-ray-data-logging-{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml")
-    if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    # A private folder of this run's own (mode 0700, unpredictable name), never reused: a fixed
+    # name in the shared /tmp would let another local user plant a config whose handler class
+    # runs code in every worker. Removed when the driver exits (its local Ray goes with it).
+    folder = tempfile.mkdtemp(prefix="deeplab-ray-data-logging-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = os.path.join(folder, "logging.yaml")
+    with open(path, "x") as f:
+        f.write(text)
     return {"RAY_DATA_LOGGING_CONFIG": path}

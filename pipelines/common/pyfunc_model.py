@@ -15,8 +15,11 @@ import numpy as np
 class DeepLabPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from pipelines.common.checkpoints import model_from_checkpoint_file
+        from pipelines.tracking import WEIGHTS_TAG
 
-        self.model, self.meta = model_from_checkpoint_file(context.artifacts["checkpoint"])
+        # The digest recorded when the model was logged: a replaced model.pt is refused.
+        expected = (context.model_config or {}).get(WEIGHTS_TAG)
+        self.model, self.meta = model_from_checkpoint_file(context.artifacts["checkpoint"], expected_sha256=expected)
         self.model.eval()
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # noqa: ARG002

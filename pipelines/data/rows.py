@@ -8,6 +8,7 @@ becomes an `ErrorRecord {id, uri, stage, reason}` rather than an exception.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,22 @@ import pyarrow as pa
 from pipelines.data.decode import BadInput, decode_image, decode_mask
 from pipelines.data.errors import ErrorRecord
 from pipelines.data.storage import get_fs, scrub
+
+
+# Largest file a row may read: a few-KiB header can claim a small image in a 200 MiB file, and
+# each worker would hold all of it. Reads are ranged, so a larger file costs at most this much.
+DEFAULT_MAX_FILE_BYTES = 64 * 1024**2
+MAX_FILE_BYTES_ENV = "DEEPLAB_MAX_FILE_BYTES"
+
+
+def max_file_bytes() -> int:
+    """The per-file byte cap: $DEEPLAB_MAX_FILE_BYTES (set it on the cluster's nodes), else 64 MiB."""
+    text = os.environ.get(MAX_FILE_BYTES_ENV, "")
+    return int(text) if text.isdigit() and int(text) > 0 else DEFAULT_MAX_FILE_BYTES
+
+
+class FileTooLarge(ValueError):
+    """A file over the per-file byte cap; only its first cap + 1 bytes were read."""
 
 
 @dataclass
@@ -43,8 +60,10 @@ class RowDecoder:
         max_pixels: int,
         require_masks: bool,
         read_masks: bool = True,
+        max_bytes: int | None = None,
     ) -> None:
         self._storage_options = dict(storage_options or {})
+        self.max_bytes = max_bytes or max_file_bytes()
         self.num_classes = num_classes
         self.max_pixels = max_pixels
         self.require_masks = require_masks
@@ -67,7 +86,7 @@ class RowDecoder:
         if mask_uris is None or not self.read_masks:
             mask_uris = [None] * len(ids)
         mask_uris = [uri or None for uri in mask_uris]
-        contents = fetch_all(list(image_uris) + mask_uris, self._storage_options)
+        contents = fetch_all(list(image_uris) + mask_uris, self._storage_options, self.max_bytes)
         image_data, mask_data = contents[: len(ids)], contents[len(ids):]
         return [
             self._decode_row(*row)
@@ -97,6 +116,8 @@ class RowDecoder:
     def _read_error(self, row_id: str, uri: str, err: BaseException) -> ErrorRecord:
         if isinstance(err, FileNotFoundError):
             reason = "file not found"
+        elif isinstance(err, FileTooLarge):
+            reason = str(err)
         elif isinstance(err, PermissionError):
             reason = "access denied"
         else:
@@ -105,10 +126,12 @@ class RowDecoder:
 
 
 def fetch_all(
-    uris: Sequence[str | None], storage_options: Mapping[str, Any] | None = None
+    uris: Sequence[str | None], storage_options: Mapping[str, Any] | None = None, max_bytes: int | None = None,
 ) -> list[bytes | BaseException | None]:
     """The bytes of every URI (None stays None; a failure is returned, not raised). Files on an
-    async filesystem (s3, gcs, http) are fetched concurrently: object stores are latency-bound."""
+    async filesystem (s3, gcs, http) are fetched concurrently: object stores are latency-bound.
+    With `max_bytes`, at most max_bytes + 1 bytes are read (a ranged read) and a longer file is a
+    FileTooLarge."""
     results: list[bytes | BaseException | None] = [None] * len(uris)
     groups: dict[int, tuple[Any, list[tuple[int, str]]]] = {}
     for index, uri in enumerate(uris):
@@ -125,21 +148,33 @@ def fetch_all(
         if getattr(fs, "async_impl", False):
             from fsspec.asyn import sync
 
-            contents = sync(fs.loop, _cat_concurrently, fs, paths)
+            contents = sync(fs.loop, _cat_concurrently, fs, paths, max_bytes)
         else:
-            contents = [_cat_or_error(fs, path) for path in paths]
+            contents = [_cat_or_error(fs, path, max_bytes) for path in paths]
         for (index, _), content in zip(items, contents):
-            results[index] = content
+            results[index] = _capped(content, max_bytes)
     return results
 
 
-async def _cat_concurrently(fs, paths: list[str]) -> list[bytes | BaseException]:
-    return await asyncio.gather(*(fs._cat_file(path) for path in paths), return_exceptions=True)
+def _range(max_bytes: int | None) -> dict[str, int]:
+    return {} if max_bytes is None else {"start": 0, "end": max_bytes + 1}
 
 
-def _cat_or_error(fs, path: str) -> bytes | BaseException:
+def _capped(content: bytes | BaseException, max_bytes: int | None) -> bytes | BaseException:
+    if max_bytes is not None and isinstance(content, bytes) and len(content) > max_bytes:
+        return FileTooLarge(f"file is larger than the {max_bytes / 1024**2:g} MiB per-file cap "
+                            f"(${MAX_FILE_BYTES_ENV}); not read")
+    return content
+
+
+async def _cat_concurrently(fs, paths: list[str], max_bytes: int | None) -> list[bytes | BaseException]:
+    return await asyncio.gather(*(fs._cat_file(path, **_range(max_bytes)) for path in paths),
+                                return_exceptions=True)
+
+
+def _cat_or_error(fs, path: str, max_bytes: int | None) -> bytes | BaseException:
     try:
-        return fs.cat_file(path)
+        return fs.cat_file(path, **_range(max_bytes))
     except Exception as err:  # noqa: BLE001 - returned, like the async branch
         return err
 

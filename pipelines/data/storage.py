@@ -32,6 +32,12 @@ _SECRET_WORDS = {
     "signature", "auth", "authorization", "apikey", "accesskey", "secretkey", "sessiontoken",
     "privatekey", "sas", "cookie",
 }
+# Secret option names whose words alone look harmless (adlfs/azure: connection_string holds the
+# AccountKey; gcsfs: token may be a dict, covered by "token"), matched on the joined name.
+_SECRET_COMPOUNDS = ("connectionstring", "accountkey", "sastoken", "clientsecret", "privatekeyid")
+# Secrets inside strings: an Azure connection string's AccountKey / SharedAccessSignature, a
+# SAS URL's `sig=`, a password in a URL (handled by _URL_PASSWORD below).
+_INLINE_SECRET = re.compile(r"(?i)\b(?P<head>(?:AccountKey|SharedAccessSignature|SharedAccessKey|sig)=)[^;&\s]+")
 
 # s3fs option names that carry identity; config-given credentials replace env ones as a group.
 _S3_CREDENTIAL_OPTIONS = {"key", "secret", "token", "anon", "profile", "session"}
@@ -169,21 +175,14 @@ def redact(obj: Any) -> Any:
                 for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v) for v in obj)
-    if isinstance(obj, str) and "://" in obj and "@" in obj:
-        return _redact_url_password(obj)
+    if isinstance(obj, str):
+        return redact_urls(obj)
     return obj
 
 
 def _is_secret_key(key: Any) -> bool:
     words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key)).lower())
-    return any(word in _SECRET_WORDS for word in words)
-
-
-def _redact_url_password(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", f":{REDACTED}@", 1)
-    return url
+    return any(word in _SECRET_WORDS for word in words) or any(c in "".join(words) for c in _SECRET_COMPOUNDS)
 
 
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s/@:]*:)(?P<password>[^\s/@]+)@")
@@ -192,7 +191,8 @@ _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s/@:]*:)(?
 def redact_urls(text: str) -> str:
     """`text` with the password of every `scheme://user:password@host` in it replaced by "***"
     (log lines and error messages quote URIs as given, credentials included)."""
-    return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}{REDACTED}@", str(text))
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}{REDACTED}@", str(text))
+    return _INLINE_SECRET.sub(lambda m: f"{m.group('head')}{REDACTED}", text)
 
 
 def scrub(text: str, storage_options: Mapping[str, Any] | None) -> str:

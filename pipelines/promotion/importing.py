@@ -32,6 +32,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from deeplab_core.constants import IGNORE_INDEX
 from deeplab_core.loading import describe, identify
 from deeplab_core.weights import from_kazuto, from_torchvision, from_vainf
 from pipelines.common.checkpoints import MODEL_FILE, save_checkpoint_dir
@@ -64,7 +65,8 @@ class ImportWeightsConfig(Section):
     arch: str | None = Field(None, description="architecture (VainF: deeplabv3 or deeplabv3plus)")
     backbone: str | None = Field(None, description="backbone (VainF: resnet50, resnet101 or mobilenetv2; "
                                                    "torchvision: read from the file when omitted)")
-    num_classes: int = Field(ge=1, description="classes the checkpoint predicts (checked against the file)")
+    num_classes: int = Field(ge=1, le=IGNORE_INDEX,  # masks are uint8 and 255 means ignore
+                             description="classes the checkpoint predicts (checked against the file)")
     output_stride: Literal[8, 16] | None = Field(None, description="VainF: the one the model was trained at, "
                                                                    f"e.g. _os16 in its file name (default "
                                                                    f"{VAINF_DEFAULT_OUTPUT_STRIDE})")
@@ -331,7 +333,7 @@ def _register(cfg: ImportWeightsConfig, model_file: Path, config: Mapping[str, A
 
     tags = {f"source.{k}": v for k, v in source.items()}
     tags.update(arch=config["arch"], backbone=str(config["backbone"]))
-    if manifest is not None:  # the pair promotion compares (registry.recorded_metric)
+    if manifest is not None:  # informative: promotion measures on the operator's manifest itself
         tags.update({k: f"{v:.6f}" for k, v in metrics.items()}, val_manifest=manifest)
     tracking_uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     return tracking.register_imported_model(

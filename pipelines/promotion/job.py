@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING
 from pydantic import Field, field_validator
 
 from pipelines.common.config import Section
+from pipelines.data.storage import redact_urls
 from pipelines.tracking import fail_fast_http
 from pipelines.promotion.policy import (
     DEFAULT_ALIAS,
+    DEFAULT_MAX_ERROR_SHARE,
     DEFAULT_METRIC,
     Decision,
     PromotionPolicy,
@@ -62,9 +64,11 @@ class PromoteConfig(Section):
     metric: str = Field(DEFAULT_METRIC, description="version tag to compare")
     lower_is_better: bool = Field(False, description="for losses and error rates")
     min_improvement: float = Field(0.0, ge=0, description="margin the candidate must beat the champion by")
-    val_manifest: str | None = Field(None, description="validation manifest to compare on; versions without "
-                                                       "the metric for it are evaluated (default: the "
-                                                       "candidate's val_manifest tag)")
+    val_manifest: str | None = Field(None, description="validation manifest to compare on; versions not yet "
+                                                       "evaluated on it by promotion are evaluated (default: "
+                                                       "the registered model's val_manifest tag)")
+    max_error_share: float = Field(DEFAULT_MAX_ERROR_SHARE, ge=0, le=1,
+                                   description="largest share of failed rows an evaluation may have")
     alias: str = Field(DEFAULT_ALIAS, description="alias to move")
     tracking_uri: str | None = Field(None, description="MLflow tracking/registry URI (default: "
                                                        f"$MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
@@ -83,7 +87,8 @@ class PromoteConfig(Section):
     @property
     def policy(self) -> PromotionPolicy:
         return PromotionPolicy(metric=self.metric, higher_is_better=not self.lower_is_better,
-                               min_improvement=self.min_improvement, alias=self.alias)
+                               min_improvement=self.min_improvement, alias=self.alias,
+                               max_error_share=self.max_error_share)
 
     def resolved_tracking_uri(self) -> str:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -124,8 +129,8 @@ def promote(name: str, candidate: str = "latest", *, client: "MlflowClient | Non
                 if decision.outcome != "unchanged":
                     if decision.promoted:
                         client.set_registered_model_alias(name, policy.alias, cand.version)
-                    for key, value in decision.tags().items():
-                        client.set_model_version_tag(name, cand.version, key, value)
+                    for key, value in decision.tags().items():  # a password in a manifest URI stays out
+                        client.set_model_version_tag(name, cand.version, key, redact_urls(value))
                 after = alias_target(client, name, policy.alias)
                 expected = str(cand.version) if decision.promoted else _version_of(champ)
                 if after != expected:
@@ -145,12 +150,13 @@ def _compare(client: "MlflowClient", name: str, cand: "ModelVersion", champ: "Mo
              dry_run: bool) -> Decision:
     if champ is not None and str(champ.version) == str(cand.version):
         champ = cand
-    manifest = reference_manifest(val_manifest, cand, champ)
-    cand_value = metric_on_manifest(client, cand, policy.metric, manifest, evaluate, not dry_run)
+    manifest = reference_manifest(client, name, val_manifest)
+    limit = policy.max_error_share
+    cand_value = metric_on_manifest(client, cand, policy.metric, manifest, evaluate, not dry_run, limit)
     champ_value = None
     if champ is not None:
         champ_value = (cand_value if champ is cand else
-                       metric_on_manifest(client, champ, policy.metric, manifest, evaluate, not dry_run))
+                       metric_on_manifest(client, champ, policy.metric, manifest, evaluate, not dry_run, limit))
     return decide(name, cand, champ, cand_value, champ_value, policy, manifest, dry_run)
 
 

@@ -15,6 +15,8 @@ EXIT_PROMOTED = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_REJECTED = 3
+EXIT_UNRELIABLE = 4  # an evaluation with too many failed rows: nothing to judge the candidate on
+DEFAULT_MAX_ERROR_SHARE = 0.01
 
 
 class Versioned(Protocol):
@@ -29,6 +31,8 @@ class PromotionPolicy:
     higher_is_better: bool = True
     min_improvement: float = 0.0
     alias: str = DEFAULT_ALIAS
+    # An evaluation where more than this share of the manifest's rows failed decides nothing.
+    max_error_share: float = DEFAULT_MAX_ERROR_SHARE
 
     def threshold(self, champion_value: float) -> float:
         """The value the candidate must reach (or beat) to replace the champion."""

@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from pipelines.promotion.policy import EXIT_ERROR, EXIT_USAGE, TAG_PREFIX
+from pipelines.data.storage import redact_urls
+from pipelines.promotion.policy import EXIT_ERROR, EXIT_UNRELIABLE, EXIT_USAGE, TAG_PREFIX
 
 if TYPE_CHECKING:  # mlflow is imported lazily: `--help` and usage errors stay fast
     from mlflow import MlflowClient
@@ -49,6 +50,12 @@ class UsageError(PromotionError):
 
 class RegistryUnreachable(PromotionError):
     exit_code = EXIT_ERROR
+
+
+class UnreliableEvaluation(PromotionError):
+    """Too many rows of the validation manifest failed: the metric says little; nothing moves."""
+
+    exit_code = EXIT_UNRELIABLE
 
 
 def _mlflow_error_code(exc: BaseException) -> str | None:
@@ -130,6 +137,11 @@ def evaluation_tags(metric: str, manifest: str) -> tuple[str, str]:
     return f"{prefix}.{metric}", f"{prefix}.manifest"
 
 
+def error_share_tag(manifest: str) -> str:
+    """Tag key of the share of rows that failed in promotion's evaluation on `manifest`."""
+    return f"{TAG_PREFIX}eval.{_manifest_key(manifest)}.error_share"
+
+
 def _as_metric(value: str, what: str) -> float:
     try:
         number = float(value)
@@ -140,21 +152,16 @@ def _as_metric(value: str, what: str) -> float:
     return number
 
 
-def recorded_metric(version: "ModelVersion", metric: str, manifest: str | None) -> float | None:
-    """The version's metric on `manifest` if a tag already holds it, else None.
-
-    The training-time tag counts when its `val_manifest` is the same manifest (or both are
-    unknown); a value promotion measured earlier on `manifest` counts too.
-    """
+def recorded_metric(version: "ModelVersion", metric: str, manifest: str) -> tuple[float, float] | None:
+    """(value, error share) of the version's metric on `manifest` if promotion measured it there
+    before, else None. The training job's own `val_mIoU` tag is not used: it was measured on a
+    manifest the training run chose, and says nothing of how many rows failed."""
     tags = version.tags or {}
-    what = f"version {version.version} tag {metric}"
-    if metric in tags and tags.get(MANIFEST_TAG) == manifest:
-        return _as_metric(tags[metric], what)
-    if manifest is not None:
-        value_key, _ = evaluation_tags(metric, manifest)
-        if value_key in tags:
-            return _as_metric(tags[value_key], f"version {version.version} tag {value_key}")
-    return None
+    value_key, manifest_key = evaluation_tags(metric, manifest)
+    if value_key not in tags or tags.get(manifest_key) != redact_urls(manifest) or error_share_tag(manifest) not in tags:
+        return None
+    return (_as_metric(tags[value_key], f"version {version.version} tag {value_key}"),
+            _as_metric(tags[error_share_tag(manifest)], f"version {version.version} tag {error_share_tag(manifest)}"))
 
 
 def mlflow_evaluator(client: "MlflowClient") -> Evaluator:
@@ -168,8 +175,10 @@ def mlflow_evaluator(client: "MlflowClient") -> Evaluator:
     def evaluate(model_uri: str, manifest_uri: str) -> Mapping[str, float]:
         import mlflow
 
-        from pipelines.common.checkpoints import checkpoint_file_in
+        from pipelines.common.checkpoints import check_weights, checkpoint_file_in
+        from pipelines.common.errors import InputError
         from pipelines.segmentation.evaluation import evaluate_model
+        from pipelines.tracking import registered_weights_sha256
 
         name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
         location = client.get_model_version_download_uri(name, version)
@@ -181,6 +190,12 @@ def mlflow_evaluator(client: "MlflowClient") -> Evaluator:
                 checkpoint = checkpoint_file_in(local)
             except FileNotFoundError as err:
                 raise PromotionError(f"the model version has no checkpoint: {err}") from None
+            try:  # the weights judged must be the weights registered (segment checks the same)
+                with open(checkpoint, "rb") as f:
+                    check_weights(f.read(), registered_weights_sha256(model_uri, client), model_uri)
+            except InputError as err:
+                raise UsageError(str(err)) from None
+            # The private temporary folder is ours alone: the file checked is the file evaluated.
             return evaluate_model(checkpoint, manifest_uri)
 
     return evaluate
@@ -194,40 +209,50 @@ def _evaluated_value(metrics: Mapping[str, float], metric: str) -> float:
     raise PromotionError(f"the evaluation returned no {metric!r} (keys: {sorted(metrics)})")
 
 
+def _error_share(metrics: Mapping[str, float]) -> float:
+    """Failed rows / all rows of an evaluation (`num_errors`, `num_images`; 0 if not reported)."""
+    errors, scored = float(metrics.get("num_errors", 0)), float(metrics.get("num_images", 0))
+    return errors / (errors + scored) if errors + scored else 0.0
+
+
+def _check_error_share(version: "ModelVersion", manifest: str, share: float, limit: float) -> None:
+    if share > limit:
+        raise UnreliableEvaluation(f"evaluation of version {version.version} on {manifest}: {share:.1%} of the "
+                                   f"rows failed (limit {limit:.1%}); not promoting on it (see the errors, "
+                                   "or raise --max-error-share)")
+
+
 def metric_on_manifest(client: "MlflowClient", version: "ModelVersion", metric: str,
-                       manifest: str | None, evaluate: Evaluator, record: bool) -> float:
-    """The version's metric on `manifest`: from its tags, else evaluated (and recorded as tags
-    unless `record` is False)."""
-    value = recorded_metric(version, metric, manifest)
-    if value is not None:
-        return value
-    if manifest is None:
-        raise UsageError(f"version {version.version} has no {metric!r} tag and no validation "
-                         "manifest is known: pass --val-manifest to evaluate it")
-    value = _evaluated_value(evaluate(f"models:/{version.name}/{version.version}", manifest), metric)
-    if record:
-        tags = version.tags or {}
-        if metric not in tags and tags.get(MANIFEST_TAG) in (None, manifest):
-            # A version registered without its metric gets the training-time pair filled in.
-            new_tags = {metric: repr(value), MANIFEST_TAG: manifest}
-        else:
+                       manifest: str, evaluate: Evaluator, record: bool, max_error_share: float) -> float:
+    """The version's metric on `manifest`: from promotion's earlier evaluation there (tags), else
+    evaluated now (and recorded as tags unless `record` is False). Raises UnreliableEvaluation
+    when more than `max_error_share` of the rows failed."""
+    recorded = recorded_metric(version, metric, manifest)
+    if recorded is not None:
+        value, share = recorded
+    else:
+        metrics = evaluate(f"models:/{version.name}/{version.version}", manifest)
+        value, share = _evaluated_value(metrics, metric), _error_share(metrics)
+        if record:
             value_key, manifest_key = evaluation_tags(metric, manifest)
-            new_tags = {value_key: repr(value), manifest_key: manifest}
-        for key, text in new_tags.items():
-            client.set_model_version_tag(version.name, version.version, key, text)
+            for key, text in {value_key: repr(value), manifest_key: redact_urls(manifest),
+                              error_share_tag(manifest): repr(share)}.items():
+                client.set_model_version_tag(version.name, version.version, key, text)
+    _check_error_share(version, manifest, share, max_error_share)
     return value
 
 
-def reference_manifest(explicit: str | None, candidate: "ModelVersion",
-                       champion: "ModelVersion | None") -> str | None:
-    """The manifest both versions are compared on: --val-manifest, else the candidate's, else
-    the champion's `val_manifest` tag."""
+def reference_manifest(client: "MlflowClient", name: str, explicit: str | None) -> str:
+    """The manifest both versions are compared on, chosen by the operator: --val-manifest, else
+    the registered model's own `val_manifest` tag. Never a version's tag: the candidate must not
+    choose what it is judged on."""
     if explicit:
         return explicit
-    for version in (candidate, champion):
-        if version is not None and (version.tags or {}).get(MANIFEST_TAG):
-            return version.tags[MANIFEST_TAG]
-    return None
+    manifest = (client.get_registered_model(name).tags or {}).get(MANIFEST_TAG)
+    if not manifest:
+        raise UsageError(f"no validation manifest to compare on: pass --val-manifest, or set the tag "
+                         f"{MANIFEST_TAG!r} on the registered model {name!r} (not on a version)")
+    return manifest
 
 
 def _lock_owner() -> str:
@@ -250,7 +275,9 @@ def promotion_lock(client: "MlflowClient", name: str, timeout_s: float = 120.0,
                 description=f"Held while promoting {name!r}; delete it only if stuck.")
             break
         except MlflowException as exc:
-            if _mlflow_error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+            # RESOURCE_DOES_NOT_EXIST: the server found the name taken, then could not read the lock
+            # back for its error message because its holder had just renamed it aside (released).
+            if _mlflow_error_code(exc) not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         _break_if_stale(client, lock_name, stale_after_s)
         if time.monotonic() > deadline:
@@ -274,19 +301,37 @@ def _break_if_stale(client: "MlflowClient", lock_name: str, stale_after_s: float
         raise
     age_s = time.time() - lock.creation_timestamp / 1000
     if age_s > stale_after_s:
-        print(f"promote: breaking stale lock {lock_name!r} held by {lock.tags.get('owner')} "
-              f"for {age_s:.0f}s", file=sys.stderr)
-        _release(client, lock_name, owner=None)
+        owner = (lock.tags or {}).get("owner")
+        print(f"promote: breaking stale lock {lock_name!r} held by {owner} for {age_s:.0f}s", file=sys.stderr)
+        _release(client, lock_name, owner)
+
+
+def _exists(client: "MlflowClient", name: str) -> bool:
+    return bool(client.search_registered_models(f"name = '{name}'"))
 
 
 def _release(client: "MlflowClient", lock_name: str, owner: str | None) -> None:
-    """Delete the lock (only ours, unless `owner` is None: breaking a stale one)."""
+    """Compare-and-delete: delete the lock only if it still is the one `owner` holds. MLflow has no
+    conditional delete, so the lock is first renamed aside (atomic: one renamer wins), its owner
+    checked there, and a lock that turns out to be someone else's fresh one is put back. A plain
+    read-then-delete could delete a lock created between the two calls."""
     from mlflow.exceptions import MlflowException
 
+    aside = f"{lock_name}.releasing-{uuid.uuid4().hex[:8]}"
     try:
-        if owner is not None and client.get_registered_model(lock_name).tags.get("owner") != owner:
-            return
-        client.delete_registered_model(lock_name)
-    except MlflowException as exc:
-        if _mlflow_error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+        client.rename_registered_model(lock_name, aside)
+    except MlflowException:
+        # Under load a rename may go through and its retried request then find no lock: go by
+        # what the registry holds now, not by the error.
+        if not _exists(client, aside):
+            if not _exists(client, lock_name):
+                return  # released or broken by someone else already
             raise
+    if (client.get_registered_model(aside).tags or {}).get("owner") == owner:
+        client.delete_registered_model(aside)
+        return
+    try:  # not the lock we meant: give it back to its holder
+        client.rename_registered_model(aside, lock_name)
+    except MlflowException:
+        client.delete_registered_model(aside)  # a newer lock took the name: its holder proceeds
+        raise

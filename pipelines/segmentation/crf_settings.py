@@ -18,6 +18,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from deeplab_core.constants import CRFParams
 from pipelines.common.config import Section
+from pipelines.common.errors import InputError
 
 TAG_PREFIX = "crf."
 # The kernel parameters a tuning run searches and stores; iterations stay the run's own choice.
@@ -58,16 +59,24 @@ def tags_for(params: CRFParams, manifest: str, score: float, default_score: floa
     return tags
 
 
-def tuned_from_tags(tags: Mapping[str, str]) -> dict[str, float] | None:
-    """The tuned kernel parameters in a version's tags; None unless all are there and valid."""
+def tuned_from_tags(tags: Mapping[str, str], source: str = "the model version") -> dict[str, float] | None:
+    """The tuned kernel parameters in a version's tags; None unless all are there. Each value must
+    pass the checks a `--crf-*` flag passes (a `*_std` of 0 crashes pydensecrf's worker, and Ray
+    retries it forever): else one InputError naming the tag and `source`."""
+    if not all(TAG_PREFIX + name in tags for name in TUNED_FIELDS):
+        return None
     values = {}
     for name in TUNED_FIELDS:
+        text = tags[TAG_PREFIX + name]
         try:
-            value = float(tags[TAG_PREFIX + name])
-        except (KeyError, TypeError, ValueError):
-            return None
-        if not math.isfinite(value) or value < 0:
-            return None
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError("not a finite number")
+            CRFSettings(**{name: value})
+        except (TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+            errors = getattr(err, "errors", None)
+            reason = errors()[0]["msg"] if callable(errors) else str(err)
+            raise InputError(f"tag {TAG_PREFIX}{name}={text!r} of {source} is refused: {reason}") from None
         values[name] = value
     return values
 

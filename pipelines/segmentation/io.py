@@ -82,6 +82,9 @@ RESULTS_SCHEMA = pa.schema([
 
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+# `?versionId=` / `#` end an S3 or HTTP key early (another id's mask would be overwritten);
+# `*[]{}` are fsspec glob characters; `%` may be decoded as an escape by a store.
+_STORE_SPECIAL = frozenset("?#*[]{}%")
 
 
 def check_id(record_id: str) -> str:
@@ -98,6 +101,8 @@ def check_id(record_id: str) -> str:
         raise ValueError("id contains a control character (NUL, newline, ...)")
     if "\\" in record_id:
         raise ValueError("id contains a backslash")
+    if special := sorted(set(record_id) & _STORE_SPECIAL):  # a query, fragment or glob to a store
+        raise ValueError(f"id contains {''.join(special)!r} (special to URLs or object-store globs)")
     if _SCHEME.match(record_id):
         raise ValueError("id starts with a URL scheme or drive prefix")
     if record_id.startswith(("/", "~")):

@@ -155,7 +155,7 @@ def choose_crf_params(cfg: SegmentConfig, model_uri: str) -> tuple[CRFParams, st
     from pipelines/tune_crf.py) under the user's explicit fields, else defaults + explicit."""
     tuned = None
     if model_uri.startswith("models:/"):
-        tuned = crf_settings.tuned_from_tags(tracking.model_version_tags(model_uri))
+        tuned = crf_settings.tuned_from_tags(tracking.model_version_tags(model_uri), model_uri)
     return crf_settings.resolve(cfg.crf_params, tuned)
 
 

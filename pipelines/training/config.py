@@ -15,14 +15,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from deeplab_core.constants import IMAGENET_MEAN, IMAGENET_STD
+from deeplab_core.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from pipelines.common.config import Section, load_config
 
 
 class ModelSection(Section):
     arch: str = "deeplabv3plus"
     backbone: str | None = "mobilenetv2"
-    num_classes: int = Field(6, gt=1)
+    num_classes: int = Field(6, gt=1, le=IGNORE_INDEX)  # masks are uint8 and 255 means ignore
     output_stride: int | None = 16
     pretrained: str | None = None  # local path, fsspec URI, or "imagenet"
     aux: bool = False

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipelines.common.config import flatten
 from pipelines.common.errors import InputError
-from pipelines.data.storage import get_fs, join_uri
+from pipelines.data.storage import get_fs, join_uri, redact
 from pipelines.training.config import TrainConfig
 
 FINGERPRINT_FILE = "deeplab_fingerprint.json"
@@ -23,10 +23,11 @@ _NOT_IDENTITY = ("data.storage_options", "data.max_pixels")  # how data is read,
 
 
 def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
-    """The flattened `model.*` and `data.*` fields (JSON values), without storage settings."""
+    """The flattened `model.*` and `data.*` fields (JSON values), without storage settings and with
+    passwords in URIs redacted (the file is stored beside the checkpoints)."""
     tree = cfg.model_dump(mode="json", include={"model", "data"})
-    return {key: value for key, value in flatten(tree).items()
-            if not key.startswith(_NOT_IDENTITY)}
+    return redact({key: value for key, value in flatten(tree).items()
+                   if not key.startswith(_NOT_IDENTITY)})
 
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

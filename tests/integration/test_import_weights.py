@@ -80,10 +80,11 @@ def test_vainf_from_s3_registered_evaluated_and_promoted(ray_cluster, mlflow_ser
         assert torch.equal(ours, converted(x))  # the round trip through MLflow changes no bit
         assert relative_difference(ours, reference(x)) < 1e-5
 
-    # Its val_mIoU on its val_manifest is what promotion reads: no evaluation, first champion.
-    assert promote.main(["--model", name, "--candidate", "1", "--tracking-uri", mlflow_server.url]) == 0
+    # Promotion measures it on the operator's manifest itself (its weights checked), first champion.
+    assert promote.main(["--model", name, "--candidate", "1", "--tracking-uri", mlflow_server.url,
+                         "--val-manifest", manifest]) == 0
     assert MlflowClient(mlflow_server.url, mlflow_server.url).get_registered_model(name).aliases == {DEFAULT_ALIAS: "1"}
-    assert "evaluating" not in capsys.readouterr().err
+    assert "evaluating" in capsys.readouterr().err
 
     # The batch job runs it from the registry (normalisation from the checkpoint's meta).
     masks = f"{s3_bucket}/masks"

@@ -16,13 +16,17 @@ import pytest
 import torch
 
 from pipelines.promotion.job import promote
-from pipelines.promotion.policy import DEFAULT_ALIAS, PromotionPolicy
+from pipelines.promotion.policy import DEFAULT_ALIAS, EXIT_UNRELIABLE, PromotionPolicy
 from pipelines.promotion.registry import (
     LOCK_SUFFIX,
     PromotionError,
+    UnreliableEvaluation,
     UsageError,
+    error_share_tag,
     evaluation_tags,
+    mlflow_evaluator,
 )
+from pipelines.tracking import WEIGHTS_TAG, file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = "s3://bucket/voc/val.parquet"
@@ -44,12 +48,14 @@ def model_name() -> str:
 def register_version(client, name: str, tmp_path: Path, metric: float | None,
                      manifest: str | None = MANIFEST, checkpoint: Path | None = None) -> str:
     """A run with a checkpoint directory (default: a tiny stand-in model.pt in the project's
-    layout) registered as a new version of `name`, tagged like the training job tags it.
+    layout) registered as a new version of `name` with its weights' digest. `metric` is recorded
+    as promotion's own evaluation on `manifest` (as if an earlier promotion had measured it); the
+    registered model gets `manifest` as the operator's validation manifest when it is created.
     Returns the version number."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.create_registered_model(name)
+        client.create_registered_model(name, tags={"val_manifest": manifest} if manifest else None)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -63,11 +69,10 @@ def register_version(client, name: str, tmp_path: Path, metric: float | None,
                     "meta": {"val_mIoU": metric}}, ckpt / "model.pt")
     client.log_artifacts(run.info.run_id, str(ckpt), artifact_path="model")
     client.set_terminated(run.info.run_id)
-    tags = {}
+    tags = {WEIGHTS_TAG: file_sha256(ckpt / "model.pt")}
     if metric is not None:
-        tags["val_mIoU"] = repr(metric)
-    if manifest is not None:
-        tags["val_manifest"] = manifest
+        value_key, manifest_key = evaluation_tags("val_mIoU", manifest)
+        tags.update({value_key: repr(metric), manifest_key: manifest, error_share_tag(manifest): "0.0"})
     version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model",
                                           run_id=run.info.run_id, tags=tags)
     return str(version.version)
@@ -84,13 +89,15 @@ def tags_of(client, name: str, version: str) -> dict[str, str]:
 class CountingEvaluator:
     """Stands in for pipelines.evaluate.evaluate_model: fixed mIoU per version, calls recorded."""
 
-    def __init__(self, miou_by_version: dict[str, float]):
+    def __init__(self, miou_by_version: dict[str, float], num_errors: int = 0):
         self.miou_by_version = miou_by_version
+        self.num_errors = num_errors
         self.calls: list[tuple[str, str]] = []
 
     def __call__(self, model_uri: str, manifest_uri: str) -> dict[str, float]:
         self.calls.append((model_uri, manifest_uri))
-        return {"mIoU": self.miou_by_version[model_uri.rsplit("/", 1)[1]], "pixel_acc": 0.9}
+        return {"mIoU": self.miou_by_version[model_uri.rsplit("/", 1)[1]], "pixel_acc": 0.9,
+                "num_images": 100 - self.num_errors, "num_errors": self.num_errors}
 
 
 def test_first_version_becomes_champion_and_decision_is_recorded(client, model_name, tmp_path):
@@ -173,29 +180,72 @@ def test_dry_run_changes_nothing(client, model_name, tmp_path):
 
 def test_versions_without_a_metric_on_the_manifest_are_evaluated_once(client, model_name, tmp_path):
     other = "s3://bucket/voc/val-2012.parquet"
-    v1 = register_version(client, model_name, tmp_path, 0.70, manifest=other)
+    v1 = register_version(client, model_name, tmp_path, 0.70)
     v2 = register_version(client, model_name, tmp_path, None, manifest=None)
+    # The training job's own metric tag (on a manifest it chose) is not what promotion goes by.
+    client.set_model_version_tag(model_name, v2, "val_mIoU", "0.99")
     promote(model_name, v1, client=client)
     evaluator = CountingEvaluator({v1: 0.66, v2: 0.68})
 
-    decision = promote(model_name, v2, client=client, val_manifest=MANIFEST, evaluate=evaluator)
-    # v1's training-time 0.70 was measured on another manifest: both are evaluated on MANIFEST.
-    assert sorted(evaluator.calls) == [(f"models:/{model_name}/{v}", MANIFEST) for v in (v1, v2)]
+    decision = promote(model_name, v2, client=client, val_manifest=other, evaluate=evaluator)
+    # Neither was measured by promotion on `other`: both are evaluated there.
+    assert sorted(evaluator.calls) == [(f"models:/{model_name}/{v}", other) for v in (v1, v2)]
     assert decision.outcome == "promoted"
     assert (decision.candidate_value, decision.champion_value) == (0.68, 0.66)
     assert champion_of(client, model_name) == v2
-    # v2 had no metric: it gets the training-time pair; v1 keeps its own and gains an evaluation.
-    assert tags_of(client, model_name, v2)["val_mIoU"] == "0.68"
-    assert tags_of(client, model_name, v2)["val_manifest"] == MANIFEST
-    value_key, manifest_key = evaluation_tags("val_mIoU", MANIFEST)
-    v1_tags = tags_of(client, model_name, v1)
-    assert (v1_tags["val_mIoU"], v1_tags["val_manifest"]) == ("0.7", other)
-    assert (v1_tags[value_key], v1_tags[manifest_key]) == ("0.66", MANIFEST)
+    value_key, manifest_key = evaluation_tags("val_mIoU", other)
+    for version, value in ((v1, "0.66"), (v2, "0.68")):
+        tags = tags_of(client, model_name, version)
+        assert (tags[value_key], tags[manifest_key], tags[error_share_tag(other)]) == (value, other, "0.0")
+    assert tags_of(client, model_name, v2)["val_mIoU"] == "0.99"  # left as the training job wrote it
 
     # The recorded values are reused: a second comparison evaluates nothing.
     again = CountingEvaluator({})
-    assert promote(model_name, v1, client=client, val_manifest=MANIFEST, evaluate=again).outcome == "rejected"
+    assert promote(model_name, v1, client=client, val_manifest=other, evaluate=again).outcome == "rejected"
     assert again.calls == []
+
+
+def test_the_operator_not_the_candidate_chooses_the_manifest(client, model_name, tmp_path):
+    """A candidate tagged with its own easy manifest and a high metric is judged on the registered
+    model's manifest, by a fresh evaluation."""
+    v1 = register_version(client, model_name, tmp_path, 0.60)
+    promote(model_name, v1, client=client)
+    v2 = register_version(client, model_name, tmp_path, None, manifest=None)
+    easy = "s3://attacker/easy.parquet"
+    for key, value in {"val_manifest": easy, "val_mIoU": "0.99"}.items():
+        client.set_model_version_tag(model_name, v2, key, value)
+    evaluator = CountingEvaluator({v2: 0.50})
+    decision = promote(model_name, v2, client=client, evaluate=evaluator)
+    assert evaluator.calls == [(f"models:/{model_name}/{v2}", MANIFEST)]
+    assert decision.outcome == "rejected" and decision.val_manifest == MANIFEST
+    assert champion_of(client, model_name) == v1
+
+
+def test_an_evaluation_with_too_many_failed_rows_decides_nothing(client, model_name, tmp_path):
+    v1 = register_version(client, model_name, tmp_path, 0.60)
+    promote(model_name, v1, client=client)
+    v2 = register_version(client, model_name, tmp_path, None, manifest=None)
+    failing = CountingEvaluator({v2: 0.95}, num_errors=2)  # 2 % of the rows failed
+    with pytest.raises(UnreliableEvaluation, match="2.0% of the rows failed") as caught:
+        promote(model_name, v2, client=client, evaluate=failing)
+    assert caught.value.exit_code == EXIT_UNRELIABLE == 4
+    assert champion_of(client, model_name) == v1
+    # The recorded share keeps refusing without a new evaluation; a looser limit accepts it.
+    with pytest.raises(UnreliableEvaluation):
+        promote(model_name, v2, client=client, evaluate=CountingEvaluator({}))
+    loose = PromotionPolicy(max_error_share=0.05)
+    assert promote(model_name, v2, client=client, policy=loose, evaluate=CountingEvaluator({})).promoted
+    assert champion_of(client, model_name) == v2
+
+
+def test_replaced_weights_are_refused_before_evaluation(client, model_name, tmp_path, mlflow_server):
+    v1 = register_version(client, model_name, tmp_path, None)
+    run_id = client.get_model_version(model_name, v1).run_id
+    [stored] = (mlflow_server.root / "artifacts").rglob(f"{run_id}/artifacts/model/model.pt")
+    stored.write_bytes(stored.read_bytes() + b"swapped")  # through the artifact store, after registration
+    with pytest.raises(UsageError, match=f"do not match its {WEIGHTS_TAG} tag"):
+        mlflow_evaluator(client)(f"models:/{model_name}/{v1}", MANIFEST)
+    assert champion_of(client, model_name) is None
 
 
 @pytest.mark.slow
@@ -223,9 +273,10 @@ def test_real_evaluation_of_versions_without_metrics(client, model_name, tmp_pat
     # Evaluation used the client's server without changing the process' MLflow settings.
     assert mlflow.get_tracking_uri() == tracking_before and dict(os.environ) == env_before
 
-    recorded = {v: float(tags_of(client, model_name, v)["val_mIoU"]) for v in versions}
+    value_key, manifest_key = evaluation_tags("val_mIoU", manifest)
+    recorded = {v: float(tags_of(client, model_name, v)[value_key]) for v in versions}
     assert all(0.0 <= value <= 1.0 for value in recorded.values())
-    assert tags_of(client, model_name, v2)["val_manifest"] == manifest
+    assert tags_of(client, model_name, v2)[manifest_key] == manifest
     assert (decision.candidate_value, decision.champion_value) == (recorded[v2], recorded[v1])
     assert decision.promoted == (recorded[v2] >= recorded[v1])
     assert champion_of(client, model_name) == (v2 if decision.promoted else v1)
@@ -371,3 +422,30 @@ def test_cli_refuses_a_missing_local_database(tmp_path, capsys):
     assert main(["--candidate", "1", "--tracking-uri", f"sqlite:///{missing}"]) == 2
     assert f"no MLflow database at {missing}" in capsys.readouterr().err
     assert not missing.exists(), "a mistyped path must not leave an empty database behind"
+
+
+def test_breaking_a_stale_lock_never_deletes_a_fresh_one(client, model_name):
+    """Another promoter breaks the stale lock and takes a fresh one between our look at the lock
+    and our delete: compare-and-delete on the owner leaves the fresh lock alone."""
+    from pipelines.promotion.registry import _break_if_stale
+
+    lock = model_name + LOCK_SUFFIX
+    client.create_registered_model(lock, tags={"owner": "crashed-host:1:x"})
+
+    class Interleaved(type(client)):
+        """The real client; the first look at the lock is followed by the other promoter's moves."""
+
+        swapped = False
+
+        def get_registered_model(self, name):
+            seen = super().get_registered_model(name)
+            if name == lock and not self.swapped:
+                self.swapped = True
+                super().delete_registered_model(lock)  # the other promoter broke it...
+                super().create_registered_model(lock, tags={"owner": "fresh-host:2:y"})  # ...and holds it
+            return seen
+
+    racing = Interleaved(tracking_uri=client.tracking_uri, registry_uri=client._registry_uri)
+    _break_if_stale(racing, lock, stale_after_s=0.0)
+    assert client.get_registered_model(lock).tags["owner"] == "fresh-host:2:y"
+    assert not [m for m in client.search_registered_models(f"name LIKE '{lock}%'") if m.name != lock]

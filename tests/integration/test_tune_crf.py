@@ -46,7 +46,10 @@ def registered(tmp_path, sqlite_tracking_uri):
     run = client.create_run(client.create_experiment(name))
     client.log_artifacts(run.info.run_id, str(ckpt), artifact_path="model")
     client.set_terminated(run.info.run_id)
-    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    from pipelines.tracking import WEIGHTS_TAG, file_sha256
+
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+                                          tags={WEIGHTS_TAG: file_sha256(ckpt / "model.pt")})
     return f"models:/{name}/{version.version}", data["val_manifest"], sqlite_tracking_uri
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -50,3 +51,22 @@ def test_local_manifest_is_a_dataset_source_without_a_warning(tmp_path):
         warnings.simplefilter("error")
         source = _dataset_source(str(tmp_path / "train.parquet"))
     assert source._get_source_type() == "local" and source.uri == str(tmp_path / "train.parquet")
+
+
+def test_local_cluster_env_writes_a_private_file_per_run(monkeypatch, tmp_path):
+    """Not a fixed, predictable name in the shared temp folder that a planted file could take."""
+    import stat
+
+    monkeypatch.delenv("DEEPLAB_VERBOSE", raising=False)
+    monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    first, second = (console.local_cluster_env()["RAY_DATA_LOGGING_CONFIG"] for _ in range(2))
+    assert first != second
+    for path in (first, second):
+        folder = os.path.dirname(path)
+        assert os.path.dirname(folder) == str(tmp_path)
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+        assert json.loads(open(path).read())["handlers"]["console"]["level"] == "WARNING"

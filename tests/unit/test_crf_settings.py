@@ -18,6 +18,7 @@ from deeplab_core.constants import CRFParams
 from pipelines import segment
 from pipelines.segmentation import crf_settings
 from pipelines.segmentation.config import SegmentConfig
+from pipelines.common.errors import InputError
 from pipelines.segmentation.crf_settings import CRFSettings, resolve, tags_for, tuned_from_tags
 from pipelines.segmentation.io import RESULTS_SCHEMA, read_results
 
@@ -53,7 +54,10 @@ def test_tags_round_trip_and_incomplete_tags_are_ignored():
     assert float(tags["crf.default_score"]) == 0.69
     assert tuned_from_tags(tags) == TUNED
     assert tuned_from_tags({k: v for k, v in tags.items() if k != "crf.bi_w"}) is None
-    assert tuned_from_tags({**tags, "crf.pos_w": "nan"}) is None
+    # A registry tag passes the checks a --crf-* flag passes: one line naming the tag and the version.
+    for key, value in (("crf.pos_w", "nan"), ("crf.bi_xy_std", "0"), ("crf.pos_xy_std", "-1"), ("crf.bi_w", "x")):
+        with pytest.raises(InputError, match=rf"^tag {key}='{value}' of models:/m/3 is refused: "):
+            tuned_from_tags({**tags, key: value}, "models:/m/3")
 
 
 def test_segment_flags_and_overrides_set_only_what_they_name():

@@ -81,7 +81,7 @@ def test_cluster_config_node_types(cluster_config):
 
 
 def test_cluster_config_installs_this_project(cluster_config):
-    (remote, local), = cluster_config["file_mounts"].items()
+    (remote, local), = [(r, l) for r, l in cluster_config["file_mounts"].items() if l == "."]
     assert (REPO / local).resolve() == REPO, "run `ray up` from the repository root"
     for commands in (cluster_config["head_setup_commands"], cluster_config["worker_setup_commands"]):
         install = [c for c in commands if c.startswith("pip install")]
@@ -136,7 +136,9 @@ def test_rayjob_trains_with_a_config_that_loads(raycluster):
 
     job = one(INFRA / "kuberay" / "rayjob-train.yaml", "RayJob")
     spec = job["spec"]
-    assert spec["clusterSelector"]["ray.io/cluster"] == raycluster["metadata"]["name"]
+    # Its own cluster (the trainer's MLflow credentials stay off the shared one), deleted after.
+    assert "clusterSelector" not in spec and spec["shutdownAfterJobFinishes"] is True
+    assert spec["rayClusterSpec"]["rayVersion"] == ray.__version__
     assert job["metadata"]["namespace"] == raycluster["metadata"]["namespace"]
     python, script, *args = shlex.split(spec["entrypoint"])
     assert (python, script) == ("python", "pipelines/train.py")
@@ -145,7 +147,8 @@ def test_rayjob_trains_with_a_config_that_loads(raycluster):
     assert (REPO / config_path).is_file(), f"{config_path} is missing"
     overrides = [a for a in args if "=" in a]
     cfg = load_train_config(REPO / config_path, overrides)  # the exact config the job will train with
-    gpu_group = next(g for g in raycluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+    gpu_group = next(g for g in spec["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+    assert gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert cfg.scaling.num_workers <= gpu_group["maxReplicas"], "training would wait for GPUs forever"
     assert cfg.scaling.use_gpu is True, "GPU workers scale from zero: 'auto' would see no GPU and use CPUs"
     assert cfg.tracking.tracking_uri == MLFLOW_URI
@@ -203,6 +206,133 @@ def test_kustomizations_build_and_set_images(folder, tmp_path):
     ours = [i for i in images if image in i]
     assert ours and all(i.startswith(f"registry.example.com/team/{image}:") for i in ours), images
     assert all(d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace")
+
+
+# ---------------------------------------------------------------------------------------------
+# A shared cluster: every Ray and MLflow entry point authenticates and sits behind a NetworkPolicy
+
+
+def ray_clusters() -> list[tuple[str, dict]]:
+    """(where, RayClusterSpec) of the shared cluster and of every RayJob's own cluster."""
+    kuberay = INFRA / "kuberay"
+    found = [(f"{p.name}:{d['kind']}", d["spec"] if d["kind"] == "RayCluster" else d["spec"].get("rayClusterSpec"))
+             for p in sorted(kuberay.glob("*.yaml")) for d in load_docs(p) if d.get("kind") in ("RayCluster", "RayJob")]
+    return [(where, spec) for where, spec in found if spec is not None]
+
+
+def pod_templates(spec: dict) -> list[dict]:
+    return [spec["headGroupSpec"]["template"], *(g["template"] for g in spec.get("workerGroupSpecs", []))]
+
+
+def submitter_pods() -> list[tuple[str, dict]]:
+    """(where, pod template) of everything that calls a Ray head: the CronJob and RayJob submitters."""
+    cron = one(INFRA / "kuberay" / "cronjob-segment.yaml", "CronJob")
+    job = one(INFRA / "kuberay" / "rayjob-train.yaml", "RayJob")
+    return [("cronjob-segment.yaml", cron["spec"]["jobTemplate"]["spec"]["template"]),
+            ("rayjob-train.yaml submitter", job["spec"]["submitterPodTemplate"])]
+
+
+def from_secret(env: dict[str, dict], name: str) -> dict:
+    assert name in env, f"{name} is not set"
+    return env[name]["valueFrom"]["secretKeyRef"]
+
+
+def test_every_ray_cluster_requires_a_token_from_a_secret():
+    clusters = ray_clusters()
+    assert len(clusters) == 2, clusters  # the shared cluster and training's own
+    for where, spec in clusters:
+        assert spec["authOptions"]["mode"] == "token", where
+        assert spec["authOptions"]["secretName"] == "deeplab-ray-token", where
+        for template in pod_templates(spec):
+            for container in template["spec"]["containers"]:
+                # A hand-set mode would fight the operator's; a literal token would be committed.
+                assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env_of(container)), where
+    for where, template in submitter_pods():
+        (container,) = template["spec"]["containers"]
+        env = env_of(container)
+        assert env["RAY_AUTH_MODE"]["value"] == "token", where
+        assert from_secret(env, "RAY_AUTH_TOKEN") == {"name": "deeplab-ray-token", "key": "auth_token"}, where
+
+
+def test_ray_cluster_launcher_nodes_start_with_token_auth_and_the_head_has_its_own_profile(cluster_config):
+    mounts = cluster_config["file_mounts"]
+    token_path = next(r for r, local in mounts.items() if local == "~/.ray/auth_token")
+    for commands in (cluster_config["head_start_ray_commands"], cluster_config["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        assert f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token_path};" in start
+        assert start.index("RAY_AUTH_MODE") < start.index("ray start")
+    assert token_path != "~/.ray/auth_token"  # a file of its own: a node's default token stays untouched
+    types = cluster_config["available_node_types"]
+    head = types[cluster_config["head_node_type"]]["node_config"]["IamInstanceProfile"]["Name"]
+    workers = {t["node_config"]["IamInstanceProfile"]["Name"] for n, t in types.items()
+               if n != cluster_config["head_node_type"]}
+    assert head == "deeplab-ray-head" and head not in workers
+    policy = __import__("json").loads((INFRA / "aws" / "deeplab-ray-head-policy.json").read_text())
+    actions = [a for st in policy["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])]
+    assert not [a for a in actions if a.endswith("*")], "no wildcard actions"
+    s3 = [st for st in policy["Statement"] if any(a.startswith("s3:") for a in st["Action"])]
+    assert all(r != "*" and not r.startswith("arn:aws:s3:::*") for st in s3 for r in st["Resource"])
+
+
+def network_policies(folder: str) -> list[dict]:
+    return [d for p in sorted((INFRA / folder).glob("*.yaml")) for d in load_docs(p) if d.get("kind") == "NetworkPolicy"]
+
+
+def policies_selecting(labels: dict[str, str], namespace: str, folder: str) -> list[dict]:
+    return [p for p in network_policies(folder) if p["metadata"]["namespace"] == namespace
+            and "Ingress" in p["spec"]["policyTypes"]
+            and all(labels.get(k) == v for k, v in p["spec"]["podSelector"].get("matchLabels", {}).items())]
+
+
+def admitted_ports(policies: list[dict], client_labels: dict[str, str]) -> set[int] | None:
+    """Ports a pod with `client_labels` (same namespace) may reach; None = every port."""
+    ports: set[int] = set()
+    for policy in policies:
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), f"{policy['metadata']['name']}: an ingress rule without `from` admits everyone"
+            if any(all(client_labels.get(k) == v for k, v in peer.get("podSelector", {}).get("matchLabels", {}).items())
+                   and "namespaceSelector" not in peer and "podSelector" in peer for peer in rule["from"]):
+                if not rule.get("ports"):
+                    return None
+                ports |= {p["port"] for p in rule["ports"]}
+    return ports
+
+
+def test_every_ray_pod_is_behind_a_network_policy():
+    for where, spec in ray_clusters():
+        for template in pod_templates(spec):
+            labels = template.get("metadata", {}).get("labels", {})
+            policies = policies_selecting(labels, "deeplab", "kuberay")
+            assert policies, f"{where}: a Ray pod no NetworkPolicy selects"
+            assert admitted_ports(policies, {"app": "anything-else"}) == set(), where
+            assert admitted_ports(policies, labels) is None, f"{where}: Ray pods must reach each other"
+            assert admitted_ports(policies, {"deeplab.io/ray-client": "true"}) == {8265, 10001}, where
+    for where, template in submitter_pods():
+        assert template["metadata"]["labels"]["deeplab.io/ray-client"] == "true", where
+
+
+def test_mlflow_requires_users_and_is_behind_a_network_policy(mlflow_manifests, raycluster):
+    (container,) = mlflow_manifests["Deployment/mlflow"]["spec"]["template"]["spec"]["containers"]
+    command = container["command"]
+    assert command[command.index("--app-name") + 1] == "basic-auth"
+    env = env_of(container)
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert from_secret(env, name)["name"] == "mlflow-admin"
+    ini = mlflow_manifests["ConfigMap/mlflow-config"]["data"]["basic_auth.ini"]
+    assert "default_permission = NO_PERMISSIONS" in ini and "admin_password" not in ini
+    for kind_name in ("Deployment/mlflow", "StatefulSet/mlflow-postgres"):
+        labels = mlflow_manifests[kind_name]["spec"]["template"]["metadata"]["labels"]
+        policies = policies_selecting(labels, "mlflow", "mlflow")
+        assert policies, f"{kind_name}: no NetworkPolicy selects it"
+        assert all(rule.get("from") and rule.get("ports") for p in policies for rule in p["spec"]["ingress"])
+    # The jobs authenticate the MLflow client's way; the shared cluster only reads, training registers.
+    job = one(INFRA / "kuberay" / "rayjob-train.yaml", "RayJob")
+    for spec, user in ((raycluster["spec"], "mlflow-reader"), (job["spec"]["rayClusterSpec"], "mlflow-trainer")):
+        for template in pod_templates(spec):
+            for ray_container in template["spec"]["containers"]:
+                ray_env = env_of(ray_container)
+                assert from_secret(ray_env, "MLFLOW_TRACKING_USERNAME")["name"] == user
+                assert from_secret(ray_env, "MLFLOW_TRACKING_PASSWORD")["name"] == user
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +406,7 @@ def test_mlflow_dockerfile_pins_the_tested_mlflow():
 
     steps = dockerfile_instructions(INFRA / "mlflow" / "Dockerfile")
     run = " ".join(arg for op, arg in steps if op == "RUN")
-    assert f"mlflow=={version('mlflow')}" in run
+    assert f"mlflow[auth]=={version('mlflow')}" in run, "the [auth] extra: --app-name basic-auth"
     assert "psycopg2" in run and "boto3" in run
     assert [arg for op, arg in steps if op == "USER"][-1] not in ("root", "0")
 
