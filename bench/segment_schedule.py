@@ -13,12 +13,14 @@ outermost calls only); peak RSS of the driver above its level before the tick (M
 
 The state is that of the code being measured: with the ledger (this version) the inputs as
 listed, settled in one compacted ledger file; without it (the version before the ledger) one
-results part per batch of 4 images, every mask, and `_state.json`'s watermark. `--code DIR` runs
-another checkout's `pipelines` (e.g. the version before, for the before/after table):
+results part per batch of 4 images, every mask, and `_state.json`'s watermark. `--code
+LABEL=DIR` (repeatable) measures other checkouts' `pipelines` too, each configuration of them
+right after this one's (a shared machine's load then weighs on both alike; every row records the
+1-minute load average):
 
-    python bench/segment_schedule.py                                   # this checkout, table
-    python bench/segment_schedule.py --code /tmp/before --label before # a copy of the old code
-    python bench/segment_schedule.py --output docs/benchmarks.md       # also writes the section
+    python bench/segment_schedule.py                                    # this checkout, table
+    git archive <before> | tar -x -C /tmp/before                        # the version before
+    python bench/segment_schedule.py --code before=/tmp/before --json rows.jsonl --output docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -189,8 +191,8 @@ def settle_per_batch(fs, input_uri: str, output: str, options, local: bool) -> N
 
 
 def child(args: argparse.Namespace) -> None:
-    if args.code:
-        sys.path.insert(0, args.code)
+    if args.code:  # the child gets one plain directory
+        sys.path.insert(0, args.code[0])
     sys.path.insert(1, str(REPO))
     import importlib.util
 
@@ -258,7 +260,7 @@ def child(args: argparse.Namespace) -> None:
                 method = line.split('"', 2)[1].split(" ", 1)[0]
                 kinds[method] = kinds.get(method, 0) + 1
         return {"tick": name, "n": args.n, "storage": args.storage, "code": "ledger" if has_ledger else "watermark",
-                "seconds": round(seconds, 3), "requests": requests, "by_method": kinds,
+                "seconds": round(seconds, 3), "load": round(os.getloadavg()[0], 1), "requests": requests, "by_method": kinds,
                 "peak_rss_mib": round(rss.peak_mib, 1), "ok": report.ok, "skipped": report.skipped,
                 "setup_s": round(setup, 1)}
 
@@ -266,13 +268,12 @@ def child(args: argparse.Namespace) -> None:
     spec = SyntheticSpec(height=64, width=96)
     put_many(fs, {path(join_uri(input_uri, "new", f"{i}.jpg")): encode_scene(*render_scene(spec, i), jpeg_quality=85)[0]
                   for i in range(NEW_IMAGES)}, local)
-    import ray
+    from pipelines.common.ray_session import ensure_ray
 
-    ray.init(num_cpus=2, logging_level="ERROR", include_dashboard=False)
+    ensure_ray()  # started before the tick (not timed); ends with this process however it ends
     try:
         print(json.dumps(tick(f"+{NEW_IMAGES}")), flush=True)
     finally:
-        ray.shutdown()
         if moto is not None:
             moto.stop()
 
@@ -294,21 +295,39 @@ class _stdout:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| code | storage | settled N | tick | seconds | requests | requests by method | peak RSS MiB |",
-             "|---|---|---:|---|---:|---:|---|---:|"]
+    lines = ["| code | storage | settled N | tick | seconds | requests | requests by method | peak RSS MiB | load |",
+             "|---|---|---:|---|---:|---:|---|---:|---:|"]
     for r in rows:
         methods = ", ".join(f"{k} {v}" for k, v in sorted(r["by_method"].items())) or "-"
         lines.append(f"| {r['label']} | {r['storage']} | {r['n']:,} | {r['tick']} | {r['seconds']:.2f} | "
-                     f"{r['requests']:,} | {methods} | {r['peak_rss_mib']:.0f} |")
+                     f"{r['requests']:,} | {methods} | {r['peak_rss_mib']:.0f} | {r.get('load', float('nan')):.0f} |")
     return "\n".join(lines)
+
+
+def run_child(n: int, storage: str, code: str | None, timeout: float) -> list[dict]:
+    cmd = [sys.executable, __file__, "--child", "--n", str(n), "--storage", storage]
+    if code:
+        cmd += ["--code", code]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=code or REPO)
+    except subprocess.TimeoutExpired:
+        return [{"tick": "no-op", "n": n, "storage": storage, "seconds": float("nan"), "requests": 0,
+                 "by_method": {}, "peak_rss_mib": float("nan"), "timeout": timeout}]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode and len(rows) < 2:
+        print(out.stderr[-3000:], file=sys.stderr)
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,10000,100000")
     p.add_argument("--storage", default="local,s3")
-    p.add_argument("--code", default=None, help="a checkout whose pipelines/ to measure (default: this one)")
-    p.add_argument("--label", default="ledger")
+    p.add_argument("--code", action="append", default=[], metavar="LABEL=DIR",
+                   help="also measure this checkout's pipelines/ (repeatable)")
+    p.add_argument("--label", default="after", help="this checkout's label")
     p.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
     p.add_argument("--output", default=None, help="Markdown file to write the section to (from --json rows)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child")
@@ -318,29 +337,17 @@ def main() -> None:
     if args.child:
         return child(args)
     rows = []
+    codes = [(args.label, None)] + [tuple(c.split("=", 1)) for c in args.code]
     for storage in args.storage.split(","):
         for n in (int(s) for s in args.sizes.split(",")):
-            cmd = [sys.executable, __file__, "--child", "--n", str(n), "--storage", storage]
-            if args.code:
-                cmd += ["--code", args.code]
-            env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-            env.pop("RAY_ADDRESS", None)
-            try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env,
-                                     cwd=args.code or REPO)
-                lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-                if out.returncode and not lines:
-                    print(out.stderr[-3000:], file=sys.stderr)
-            except subprocess.TimeoutExpired:
-                lines = [{"tick": "no-op", "n": n, "storage": storage, "seconds": float("nan"), "requests": 0,
-                          "by_method": {}, "peak_rss_mib": float("nan"), "timeout": args.timeout}]
-            for row in lines:
-                row["label"] = args.label
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-                if args.json:
-                    with open(args.json, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+            for label, code in codes:
+                for row in run_child(n, storage, code, args.timeout):
+                    row["label"] = label
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    if args.json:
+                        with open(args.json, "a") as f:
+                            f.write(json.dumps(row) + "\n")
     if args.output and args.json:
         rows = [json.loads(line) for line in Path(args.json).read_text().splitlines()]
         sys.path.insert(0, str(REPO))

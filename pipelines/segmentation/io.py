@@ -311,6 +311,7 @@ def list_inputs(
         found = fs.find(root, detail=True)
     except FileNotFoundError:
         found = {}
+    plain = is_local(input_uri) and "://" not in str(input_uri)  # uri_for, decided once
     selected = []
     for path, info in sorted(found.items()):
         if not path.startswith(prefix) or (excluded and path.startswith(excluded)):
@@ -323,7 +324,8 @@ def list_inputs(
         if since is not None and mtime is not None and mtime < since:
             continue
         size = info.get("size", info.get("Size"))
-        selected.append(InputItem(stem, uri_for(fs, path, input_uri), size=int(size) if size is not None else None,
+        selected.append(InputItem(stem, path if plain else uri_for(fs, path, input_uri),
+                                  size=int(size) if size is not None else None,
                                   etag=_etag(info), mtime=mtime))
     return _checked(selected, check_ids, read=len(selected))
 

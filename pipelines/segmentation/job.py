@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
+import pyarrow as pa
+
 from deeplab_core.constants import CRFParams
 from pipelines import tracking
 from pipelines.common.ray_session import ensure_ray, use_gpu
@@ -200,7 +202,7 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping
     gpu = use_gpu(cfg.device)
     guard = new_guard(cfg.crash_limit)
     plan = make_plan(cfg, model, meta, table=evaluate, score=False, gpu=gpu, crf_params=crf_params, guard=guard)
-    write = replace(write, crf_backend=plan.crf_backend, guard=guard)
+    write = replace(write, guard=guard)
     crf = f"CRF {plan.crf_backend}" + (" (in the model actor)" if plan.crf_in_model else "") if plan.run_crf else "no CRF"
     print(f"[segment] model {model_uri} ({plan.num_classes} classes) on {'GPU' if gpu else 'CPU'}; "
           f"scales {format_scales(cfg.scales)}, flip {cfg.flip}, {crf}", flush=True)
@@ -236,17 +238,13 @@ class Todo:
     error: ErrorRecord | None = None  # known before any worker sees it (an unusable id)
 
 
-def select_work(cfg: SegmentConfig, listing, settled: Mapping[tuple[str, str], ledger.Entry]) -> list[Todo]:
-    """The listed inputs this run processes (ledger.needs_work); the rest count as skipped."""
-    todo = []
+def select_work(cfg: SegmentConfig, listing, settled: pa.Table) -> list[Todo]:
+    """The listed inputs this run processes (ledger.select); the rest count as skipped."""
     pairs = [(item, None) for item in listing.items] + list(zip(listing.rejected, listing.errors))
-    for item, error in pairs:
-        work, attempts = ledger.needs_work(settled.get((item.id, item.uri)), item.size, item.etag, item.mtime,
-                                           max_attempts=cfg.max_attempts, reprocess_changed=cfg.reprocess_changed,
-                                           retry_errors=cfg.retry_errors)
-        if work:
-            todo.append(Todo(item, attempts, error))
-    return todo
+    work, attempts = ledger.select(ledger.listed_table([item for item, _ in pairs]), settled,
+                                   max_attempts=cfg.max_attempts, reprocess_changed=cfg.reprocess_changed,
+                                   retry_errors=cfg.retry_errors)
+    return [Todo(item, int(attempts[i]), error) for i, (item, error) in enumerate(pairs) if work[i]]
 
 
 def _text(value) -> str | None:
@@ -306,7 +304,7 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
         files = ledger.ledger_files(cfg.output, options)
     if not files.settled and migrate_to_ledger(cfg.output, run_id, options):
         files = ledger.ledger_files(cfg.output, options)
-    settled = ledger.entries(ledger.read_ledger(cfg.output, options, files))
+    settled = ledger.read_ledger(cfg.output, options, files)
     since = parse_time(cfg.since) if cfg.since not in (None, "last") else None
     listing = list_inputs(cfg.input, options, since=since, exclude_prefix=cfg.output)
     todo = select_work(cfg, listing, settled)
@@ -324,13 +322,17 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
         crf_params, crf_source = choose_crf_params(cfg, model_uri)
     if work and (cfg.crf or cfg.evaluate):
         print(f"[segment] CRF parameters ({crf_source}): {crf_settings.params_json(crf_params)}", flush=True)
+    gpu = False
+    if work:
+        ensure_ray(verbose=verbose)
+        gpu = use_gpu(cfg.device)
     write = WriteSpec(cfg.output, run_id, model_uri, cfg.crf, cfg.overlays, cfg.overlay_alpha, options,
-                      crf_source=crf_source, crf_params=crf_settings.params_json(crf_params))
+                      crf_backend=crf_backend_for(cfg.crf_backend, gpu), crf_source=crf_source,
+                      crf_params=crf_settings.params_json(crf_params))
     recording = Recording(cfg, run_id, model_uri, write, held, todo)
     if known_errors:
         recording.known_errors(known_errors)
     if work:
-        ensure_ray(verbose=verbose)
         tally, evaluation, table, crf_backend = _segment(cfg, work, model, meta, model_uri, write, crf_params,
                                                          on_batch=recording)
     else:

@@ -153,48 +153,46 @@ def read_ledger(output: str, storage_options: Mapping[str, Any] | None = None,
 # --------------------------------------------------------------------------- selection
 
 
-@dataclass(frozen=True)
-class Entry:
-    status: str
-    kind: str | None
-    attempts: int
-    size: int | None
-    etag: str | None
-    mtime: datetime | None
+def select(listed: pa.Table, settled: pa.Table, *, max_attempts: int, reprocess_changed: bool,
+           retry_errors: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Which listed inputs a run processes, and their transient attempts so far (two arrays in
+    the order of ``listed``: columns ``id, uri, size, etag, mtime``). Vectorised: a tick at 100k
+    settled inputs is one join, not 100k lookups."""
+    import pyarrow.compute as pc
+
+    n = listed.num_rows
+    if n == 0:
+        return np.zeros(0, bool), np.zeros(0, np.int64)
+    listed = listed.append_column("row", pa.array(np.arange(n)))
+    right = settled.select(["id", "uri", "size", "etag", "mtime", "status", "kind", "attempts"])
+    right = right.rename_columns(["id", "uri", "s_size", "s_etag", "s_mtime", "s_status", "s_kind", "s_attempts"])
+    joined = listed.join(right, keys=["id", "uri"], join_type="left outer").sort_by("row")
+
+    def differs(a: str, b: str) -> pa.ChunkedArray:  # unknown on either side never counts
+        return pc.fill_null(pc.not_equal(joined[a], joined[b]), False)
+
+    etags_known = pc.and_(pc.is_valid(joined["etag"]), pc.is_valid(joined["s_etag"]))
+    changed = pc.or_(differs("size", "s_size"),
+                     pc.if_else(etags_known, differs("etag", "s_etag"), differs("mtime", "s_mtime")))
+    new = pc.is_null(joined["s_status"]).to_numpy(zero_copy_only=False)
+    changed = changed.to_numpy(zero_copy_only=False) & bool(reprocess_changed) & ~new
+    ok = pc.fill_null(pc.equal(joined["s_status"], "ok"), False).to_numpy(zero_copy_only=False)
+    attempts = pc.fill_null(joined["s_attempts"], 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    transient = pc.fill_null(pc.equal(joined["s_kind"], TRANSIENT), False).to_numpy(zero_copy_only=False)
+    retry = ~new & ~ok & (bool(retry_errors) | (transient & (attempts < max_attempts)))
+    fresh = new | changed | (retry & bool(retry_errors))  # attempts start again
+    return new | changed | retry, np.where(fresh, 0, attempts)
 
 
-def entries(table: pa.Table) -> dict[tuple[str, str], Entry]:
-    columns = {name: table.column(name).to_pylist()
-               for name in ("id", "uri", "status", "kind", "attempts", "size", "etag", "mtime")}
-    return {
-        (i, u): Entry(s, k, a or 0, sz, e, m)
-        for i, u, s, k, a, sz, e, m in zip(*columns.values())
-    }
-
-
-def changed(entry: Entry, size: int | None, etag: str | None, mtime: datetime | None) -> bool:
-    """The input as listed now differs from the settled one (unknown values never count)."""
-    if entry.size is not None and size is not None and entry.size != size:
-        return True
-    if entry.etag is not None and etag is not None:
-        return entry.etag != etag
-    return entry.mtime is not None and mtime is not None and entry.mtime != mtime
-
-
-def needs_work(entry: Entry | None, size: int | None, etag: str | None, mtime: datetime | None, *,
-               max_attempts: int, reprocess_changed: bool, retry_errors: bool) -> tuple[bool, int]:
-    """(process it in this run?, its transient attempts so far)."""
-    if entry is None:
-        return True, 0
-    if reprocess_changed and changed(entry, size, etag, mtime):
-        return True, 0
-    if entry.status == "ok":
-        return False, 0
-    if retry_errors:
-        return True, 0
-    if entry.kind == TRANSIENT and entry.attempts < max_attempts:
-        return True, entry.attempts
-    return False, entry.attempts
+def listed_table(items: Sequence[Any]) -> pa.Table:
+    """``id, uri, size, etag, mtime`` of listed inputs (objects with those attributes)."""
+    return pa.table({
+        "id": pa.array([i.id for i in items], pa.string()),
+        "uri": pa.array([i.uri for i in items], pa.string()),
+        "size": pa.array([i.size for i in items], pa.int64()),
+        "etag": pa.array([i.etag for i in items], pa.string()),
+        "mtime": pa.array([i.mtime for i in items], pa.timestamp("us", tz="UTC")),
+    })
 
 
 # --------------------------------------------------------------------------- writing

@@ -4,8 +4,10 @@ errors turn permanent, compaction, and that exactly one of many racing runs gets
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 from datetime import datetime, timedelta, timezone
 
+import pyarrow as pa
 import pytest
 
 from pipelines.segmentation import ledger, lease
@@ -13,26 +15,31 @@ from pipelines.segmentation import ledger, lease
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
 
-def entry(status="ok", kind=None, attempts=0, size=10, etag=None, mtime=T0) -> ledger.Entry:
-    return ledger.Entry(status, kind, attempts, size, etag, mtime)
-
-
-def needs(e, size=10, etag=None, mtime=T0, **kw):
+def needs(settled: dict | None, size=10, etag=None, mtime=T0, **kw) -> tuple[bool, int]:
+    """ledger.select for one listed input against one settled entry (or none)."""
     options = {"max_attempts": 3, "reprocess_changed": True, "retry_errors": False, **kw}
-    return ledger.needs_work(e, size, etag, mtime, **options)
+    listed = ledger.listed_table([SimpleNamespace(id="a", uri="u", size=size, etag=etag, mtime=mtime)])
+    entries = [] if settled is None else [{"id": "a", "uri": "u", "size": 10, "etag": None, "mtime": T0,
+                                           "status": "ok", "kind": None, "attempts": 0, **settled}]
+    work, attempts = ledger.select(listed, pa.Table.from_pylist(entries, schema=ledger.LEDGER_SCHEMA), **options)
+    return bool(work[0]), int(attempts[0])
 
 
 def test_what_a_run_selects():
+    ok, transient, permanent = {}, {"status": "error", "kind": "transient"}, {"status": "error", "kind": "permanent"}
     assert needs(None) == (True, 0)  # never settled, whatever its time
-    assert needs(entry()) == (False, 0)
-    assert needs(entry(), size=11) == (True, 0)  # changed: processed again
-    assert needs(entry(), mtime=T0 + timedelta(seconds=1)) == (True, 0)  # no etag: the mtime tells
-    assert needs(entry(etag="x"), etag="x", mtime=T0 + timedelta(days=1)) == (False, 0)  # the etag wins
-    assert needs(entry(), size=11, reprocess_changed=False) == (False, 0)
-    assert needs(entry("error", "transient", 2)) == (True, 2)
-    assert needs(entry("error", "transient", 3)) == (False, 3)
-    assert needs(entry("error", "permanent", 0)) == (False, 0)
-    assert needs(entry("error", "permanent", 0), retry_errors=True) == (True, 0)
+    assert needs(ok) == (False, 0)
+    assert needs(ok, size=11) == (True, 0)  # changed: processed again
+    assert needs(ok, mtime=T0 + timedelta(seconds=1)) == (True, 0)  # no etag: the mtime tells
+    assert needs({"etag": "x"}, etag="x", mtime=T0 + timedelta(days=1)) == (False, 0)  # the etag wins
+    assert needs({"etag": "x"}, etag="y") == (True, 0)
+    assert needs({"size": None, "mtime": None}) == (False, 0)  # migrated entries: unknown is unchanged
+    assert needs(ok, size=11, reprocess_changed=False) == (False, 0)
+    assert needs({**transient, "attempts": 2}) == (True, 2)
+    assert needs({**transient, "attempts": 3}) == (False, 3)  # used up (recorded permanent by then)
+    assert needs({**permanent, "attempts": 0}) == (False, 0)
+    assert needs({**permanent, "attempts": 3}, retry_errors=True) == (True, 0)
+    assert needs({**permanent, "attempts": 3}, size=11) == (True, 0)  # a fixed file is tried again
 
 
 def test_transient_errors_turn_permanent_after_max_attempts():
