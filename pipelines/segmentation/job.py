@@ -90,7 +90,8 @@ def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *,
     rows = [{**item.row(), **status} for item in items]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), math.ceil(len(rows) / batch_size))))
     # Bounded retries: the guard turns an input that kills workers into an error row after
-    # crash_limit deaths; Ray's default for actors is to retry without end.
+    # crash_limit deaths; Ray's default for actors is to retry without end. (Ray 2.60 has no
+    # named map_batches parameter for these yet: they go as remote args, with its warning.)
     tasks, actors = {}, {}
     if plan.guard is not None:
         retries = plan.guard.ray_retries(batch_size)
@@ -189,7 +190,7 @@ def load_checked_model(uri: str, storage_options: Mapping[str, Any] | None,
 
 
 def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping[str, Any], model_uri: str,
-             write: WriteSpec, crf_params: CRFParams,
+             write: WriteSpec, crf_params: CRFParams, guard: Guard,
              on_batch) -> tuple[Tally, dict | None, str | None, str | None]:
     """Runs the stages over `todo` (each summary batch to `on_batch`): the tally, the evaluation
     (metrics, table) with --eval, and the CRF backend that ran."""
@@ -200,7 +201,6 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping
         print("[segment] --eval: no ground-truth masks among the inputs (use a manifest with "
               "mask_uri); no evaluation", flush=True)
     gpu = use_gpu(cfg.device)
-    guard = new_guard(cfg.crash_limit)
     plan = make_plan(cfg, model, meta, table=evaluate, score=False, gpu=gpu, crf_params=crf_params, guard=guard)
     write = replace(write, guard=guard)
     crf = f"CRF {plan.crf_backend}" + (" (in the model actor)" if plan.crf_in_model else "") if plan.run_crf else "no CRF"
@@ -322,9 +322,10 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
         crf_params, crf_source = choose_crf_params(cfg, model_uri)
     if work and (cfg.crf or cfg.evaluate):
         print(f"[segment] CRF parameters ({crf_source}): {crf_settings.params_json(crf_params)}", flush=True)
-    gpu = False
+    gpu, guard = False, None
     if work:
         ensure_ray(verbose=verbose)
+        guard = new_guard(cfg.crash_limit)  # its actor starts while the pipeline is planned
         gpu = use_gpu(cfg.device)
     write = WriteSpec(cfg.output, run_id, model_uri, cfg.crf, cfg.overlays, cfg.overlay_alpha, options,
                       crf_backend=crf_backend_for(cfg.crf_backend, gpu), crf_source=crf_source,
@@ -334,7 +335,7 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
         recording.known_errors(known_errors)
     if work:
         tally, evaluation, table, crf_backend = _segment(cfg, work, model, meta, model_uri, write, crf_params,
-                                                         on_batch=recording)
+                                                         guard, on_batch=recording)
     else:
         tally, evaluation, table, crf_backend = Tally(), None, None, None
     held.check()
