@@ -321,6 +321,33 @@ def run_child(n: int, storage: str, code: str | None, timeout: float) -> list[di
     return rows
 
 
+def section(rows: list[dict]) -> str:
+    """The docs section: how it was measured, the table, and the no-op tick's growth."""
+    import platform
+
+    lines = [
+        "`python bench/segment_schedule.py --code before=<a copy of the version before the ledger> "
+        "--json rows.jsonl --output docs/benchmarks.md` (each configuration in a fresh process; this "
+        f"machine: {os.cpu_count()} cores shared with other work, Python {platform.python_version()}; the "
+        "load column is the 1-minute load average when the tick ended). `before`: the `--since last` "
+        "watermark, one results part per batch of 4; `after`: the ledger. Requests: S3 = every HTTP "
+        "request moto's server logged during the tick (driver and Ray workers); local = fsspec calls "
+        "in the driver.",
+        "",
+        table(rows),
+        "",
+    ]
+    for label in sorted({r["label"] for r in rows}):
+        for storage in ("local", "s3"):
+            noop = {r["n"]: r for r in rows if (r["label"], r["storage"], r["tick"]) == (label, storage, "no-op")}
+            if len(noop) >= 2 and min(noop) in noop:
+                small, large = noop[min(noop)], noop[max(noop)]
+                lines.append(f"- {label}, {storage}: the no-op tick at {large['n']:,} settled inputs takes "
+                             f"{large['seconds'] / max(small['seconds'], 1e-9):.1f}x the time at {small['n']:,} and "
+                             f"{large['requests']:,} requests ({small['requests']:,} at {small['n']:,}).")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,10000,100000")
@@ -353,7 +380,7 @@ def main() -> None:
         sys.path.insert(0, str(REPO))
         from bench.report import replace_section
 
-        replace_section(args.output, SECTION, table(rows))
+        replace_section(args.output, SECTION, section(rows))
     print(table(rows))
 
 
