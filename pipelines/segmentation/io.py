@@ -31,7 +31,6 @@ import pyarrow as pa
 
 from pipelines.data.errors import ErrorRecord
 from pipelines.data.manifest import IMAGE_EXTENSIONS, read_manifest
-from pipelines.segmentation.ledger import ERRORS_DIR, RESULTS_DIR, conform, latest, list_files, read_parquet
 from pipelines.data.storage import (
     TEMP_PREFIX,
     check_access,
@@ -41,6 +40,14 @@ from pipelines.data.storage import (
     table_format,
     uri_for,
     write_atomically,
+)
+from pipelines.segmentation.ledger import (  # the layout's directory names live with the ledger
+    ERRORS_DIR,  # noqa: F401 - part of this module's layout too
+    RESULTS_DIR,
+    conform,
+    latest,
+    list_files,
+    read_parquet,
 )
 
 log = logging.getLogger(__name__)

@@ -40,6 +40,7 @@ from pipelines.segmentation.io import (
     RESULTS_SCHEMA,
     STATUS_OK,
     InputItem,
+    InputListing,
     error_row,
     list_inputs,
     migrate_to_ledger,
@@ -238,7 +239,7 @@ class Todo:
     error: ErrorRecord | None = None  # known before any worker sees it (an unusable id)
 
 
-def select_work(cfg: SegmentConfig, listing, settled: pa.Table) -> list[Todo]:
+def select_work(cfg: SegmentConfig, listing: InputListing, settled: pa.Table) -> list[Todo]:
     """The listed inputs this run processes (ledger.select); the rest count as skipped."""
     pairs = [(item, None) for item in listing.items] + list(zip(listing.rejected, listing.errors))
     work, attempts = ledger.select(ledger.listed_table([item for item, _ in pairs]), settled,
@@ -247,7 +248,7 @@ def select_work(cfg: SegmentConfig, listing, settled: pa.Table) -> list[Todo]:
     return [Todo(item, int(attempts[i]), error) for i, (item, error) in enumerate(pairs) if work[i]]
 
 
-def _text(value) -> str | None:
+def _text(value: Any) -> str | None:
     """A string column's value; "" and the NaN Ray Data makes of an all-None column are None."""
     return value if isinstance(value, str) and value else None
 
@@ -272,7 +273,7 @@ class Recording:
         self.recorder.add([error_row(t.error, self.run_id, self.model_uri) for t in todo],
                           [self.entry(t, "error", t.error.stage, t.error.reason, now) for t in todo])
 
-    def __call__(self, batch: dict) -> None:
+    def __call__(self, batch: dict[str, Any]) -> None:
         self.held.check()  # a run whose lease was taken over stops before recording more
         spec, results, entries = self.write, [], []
         for i, record_id in enumerate(batch[ID]):

@@ -27,8 +27,8 @@ A mask is written before its ledger entry, so an ``ok`` entry always has its mas
 from __future__ import annotations
 
 import io
-import logging
 import posixpath
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,7 +39,6 @@ import pyarrow as pa
 
 from pipelines.data.storage import get_fs, join_uri, write_atomically
 
-log = logging.getLogger(__name__)
 
 LEDGER_DIR, PENDING_DIR, RESULTS_DIR, ERRORS_DIR = "ledger", "pending", "results", "errors"
 COMPACT_PREFIX = "c-"
@@ -223,8 +222,6 @@ class RunRecorder:
     def __init__(self, output: str, run_id: str, results_schema: pa.Schema,
                  storage_options: Mapping[str, Any] | None = None, flush_rows: int = 2000,
                  flush_s: float = 60.0) -> None:
-        import time
-
         self.output, self.run_id, self.results_schema = output, run_id, results_schema
         self.storage_options = storage_options
         self.flush_rows, self.flush_s = flush_rows, flush_s
@@ -232,15 +229,14 @@ class RunRecorder:
         self.ledger: list[dict] = []
         self.parts: list[str] = []
         self._unflushed = 0
-        self._clock = time.monotonic
-        self._last_flush = self._clock()
+        self._last_flush = time.monotonic()
 
     def add(self, results: Iterable[dict], ledger: Iterable[dict]) -> None:
         results, ledger = list(results), list(ledger)
         self.results += results
         self.ledger += ledger
         self._unflushed += len(ledger)
-        if self._unflushed and (self._unflushed >= self.flush_rows or self._clock() - self._last_flush >= self.flush_s):
+        if self._unflushed and (self._unflushed >= self.flush_rows or time.monotonic() - self._last_flush >= self.flush_s):
             self.flush()
 
     def flush(self) -> None:
@@ -252,7 +248,7 @@ class RunRecorder:
         uri = join_uri(self.output, LEDGER_DIR, PENDING_DIR, f"{self.run_id}-{len(self.parts):06d}.parquet")
         write_atomically(uri, parquet_bytes(table), self.storage_options)
         self.parts.append(uri)
-        self._unflushed, self._last_flush = 0, self._clock()
+        self._unflushed, self._last_flush = 0, time.monotonic()
 
     def finish(self) -> None:
         """The run's results file, then its ledger file, then the checkpoints go."""
