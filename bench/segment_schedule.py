@@ -26,8 +26,10 @@ right after this one's (a shared machine's load then weighs on both alike; every
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -121,11 +123,13 @@ class MotoLog:
             time.sleep(0.2)
 
     def requests(self) -> list[str]:
-        return [line for line in self.log.read_text().splitlines() if '" HTTP/1.1" ' in line]
+        """The logged requests as "METHOD /path" (werkzeug colours non-200 lines)."""
+        return [m.group(1) for m in re.finditer(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+ \S+) HTTP/1\.1', self.log.read_text())]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
 
 
 # --------------------------------------------------------------------------- the state N runs leave
@@ -214,8 +218,11 @@ def child(args: argparse.Namespace) -> None:
         root, options = str(workdir / "data"), None
     else:
         moto = MotoLog(workdir)
+        atexit.register(moto.stop)  # however the child ends
         os.environ.update({"AWS_ENDPOINT_URL": moto.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+                           "AWS_SECRET_ACCESS_KEY": "testing"})
+        for name in ("AWS_DEFAULT_REGION", "AWS_REGION"):  # a region makes s3fs send a location constraint
+            os.environ.pop(name, None)
         options = {"endpoint_url": moto.endpoint, "key": "testing", "secret": "testing"}
         root = "s3://bench"
     fs, _ = get_fs(root, options)
@@ -257,9 +264,14 @@ def child(args: argparse.Namespace) -> None:
             requests = len(lines)
             kinds = {}
             for line in lines:
-                method = line.split('"', 2)[1].split(" ", 1)[0]
+                method = line.split(" ", 1)[0]
                 kinds[method] = kinds.get(method, 0) + 1
+        fs.invalidate_cache()
+        start = time.monotonic()
+        fs.find(path(input_uri), detail=True)  # the one listing no tick can avoid, alone
+        listing = time.monotonic() - start
         return {"tick": name, "n": args.n, "storage": args.storage, "code": "ledger" if has_ledger else "watermark",
+                "listing_s": round(listing, 3),
                 "seconds": round(seconds, 3), "load": round(os.getloadavg()[0], 1), "requests": requests, "by_method": kinds,
                 "peak_rss_mib": round(rss.peak_mib, 1), "ok": report.ok, "skipped": report.skipped,
                 "setup_s": round(setup, 1)}
@@ -271,11 +283,7 @@ def child(args: argparse.Namespace) -> None:
     from pipelines.common.ray_session import ensure_ray
 
     ensure_ray()  # started before the tick (not timed); ends with this process however it ends
-    try:
-        print(json.dumps(tick(f"+{NEW_IMAGES}")), flush=True)
-    finally:
-        if moto is not None:
-            moto.stop()
+    print(json.dumps(tick(f"+{NEW_IMAGES}")), flush=True)
 
 
 class _stdout:
@@ -295,11 +303,12 @@ class _stdout:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| code | storage | settled N | tick | seconds | requests | requests by method | peak RSS MiB | load |",
-             "|---|---|---:|---|---:|---:|---|---:|---:|"]
+    lines = ["| code | storage | settled N | tick | seconds | listing alone s | requests | requests by method | "
+             "peak RSS MiB | load |", "|---|---|---:|---|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         methods = ", ".join(f"{k} {v}" for k, v in sorted(r["by_method"].items())) or "-"
         lines.append(f"| {r['label']} | {r['storage']} | {r['n']:,} | {r['tick']} | {r['seconds']:.2f} | "
+                     f"{r.get('listing_s', float('nan')):.2f} | "
                      f"{r['requests']:,} | {methods} | {r['peak_rss_mib']:.0f} | {r.get('load', float('nan')):.0f} |")
     return "\n".join(lines)
 
