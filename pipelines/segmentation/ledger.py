@@ -301,11 +301,14 @@ def _remove(output: str, paths: Iterable[str], storage_options) -> None:
 def fold_pending(output: str, files: LedgerFiles, results_schema: pa.Schema,
                  storage_options: Mapping[str, Any] | None = None) -> int:
     """Settles the checkpoints of runs that were killed (call with the lease held: no other run
-    is writing). Returns how many runs were folded in."""
+    is writing). A run killed after its ledger file was written only left its checkpoints (a
+    subset of that file) behind: they just go. Returns how many runs were folded in."""
     fs, _ = get_fs(output, storage_options)
+    finished = {posixpath.basename(p)[:-len(".parquet")] for p in files.settled}
     for run_id, parts in files.pending.items():
-        table = pa.concat_tables([read_parquet(fs, p) for p in parts], promote_options="default")
-        settle(output, run_id, table, results_schema, storage_options)
+        if run_id not in finished:
+            table = pa.concat_tables([read_parquet(fs, p) for p in parts], promote_options="default")
+            settle(output, run_id, table, results_schema, storage_options)
         _remove(output, parts, storage_options)
     return len(files.pending)
 

@@ -96,3 +96,33 @@ def test_a_half_written_lease_counts_as_held(tmp_path):
     (tmp_path / "out" / "_lease" / "000000000001.json").write_text("")  # being created
     with pytest.raises(lease.LeaseBusy, match="starting"):
         lease.acquire(out, "me")
+
+
+def test_checkpoints_of_a_killed_run_are_settled_once(tmp_path):
+    from pipelines.segmentation.io import RESULTS_SCHEMA, read_results
+
+    out = str(tmp_path / "out")
+
+    def recorder(run):
+        return ledger.RunRecorder(out, run, RESULTS_SCHEMA, flush_rows=1)
+
+    def rows(i, run):
+        result = {"id": f"i{i}", "uri": f"u{i}", "status": "ok", "run_id": run, "finished_at": T0}
+        return [result], [ledger.ledger_row(f"i{i}", f"u{i}", 1, None, T0, "ok", None, None, 0, 3, run)]
+
+    killed = recorder("killed")  # checkpoints of 2 inputs, then killed
+    for i in range(2):
+        killed.add(*rows(i, "killed"))
+    finished = recorder("late")  # killed after its ledger file, before removing its checkpoints
+    for i in range(2, 5):
+        finished.add(*rows(i, "late"))
+    finished.finish()  # removes its checkpoints; put one back as the leftover of a kill
+    recorder("late").add(*rows(2, "late"))
+
+    files = ledger.ledger_files(out)
+    assert sorted(files.pending) == ["killed", "late"]
+    assert ledger.fold_pending(out, files, RESULTS_SCHEMA) == 2
+    files = ledger.ledger_files(out)
+    assert not files.pending
+    assert sorted(r["id"] for r in ledger.read_ledger(out).to_pylist()) == [f"i{i}" for i in range(5)]
+    assert sorted(read_results(out).column("id").to_pylist()) == [f"i{i}" for i in range(5)]
