@@ -46,7 +46,12 @@ class AttemptBook:
         return crashes
 
     def finish(self, key: tuple) -> None:
-        self.finished[key] = self.finished.get(key, 0) + 1
+        finished = self.finished.get(key, 0) + 1
+        if finished >= self.started.get(key, 0):  # nothing in flight, no deaths: forget it
+            self.started.pop(key, None)
+            self.finished.pop(key, None)
+        else:
+            self.finished[key] = finished
 
 
 @dataclass(frozen=True)
