@@ -7,7 +7,12 @@
 
 Every setting is a field of SegmentConfig (pipelines/segmentation/config.py): from a YAML file
 (--config), the flags below, and `key=value` overrides, later ones winning. Re-running is safe:
-finished images (an ok results row and its mask) are skipped. Storage credentials come from the
+the output's ledger records every input settled (ok, or an error); a run processes the listed
+inputs that are not settled, retries transient errors up to --max-attempts runs, and holds a
+lease so that one run at a time works on an output.
+
+Exit codes: 0 done; 1 failed (or --strict and some input ended as an error); 2 unusable input,
+output, model or arguments; 3 another run holds the output's lease (--lease-wait-s to wait). Storage credentials come from the
 environment (AWS_* variables, instance roles). With a models:/ URI, the dense CRF uses the
 version's tuned parameters (pipelines/tune_crf.py) unless --crf-* flags or crf_params.* say
 otherwise. See docs/segmentation.md.
@@ -24,11 +29,14 @@ if __package__ in (None, ""):  # run as a file (`ray job submit ... python pipel
 
 from pipelines.common.cli import add_common_flags, run_main  # noqa: E402
 from pipelines.common.config import flag_labels, load_config  # noqa: E402
+from pipelines.data.storage import redact_urls  # noqa: E402
 from pipelines.segmentation.config import SegmentConfig  # noqa: E402
 
 # flag -> config field; the defaults and help texts are the config's own.
 FLAGS = ("model", "input", "output", "fusion", "max_pixels", "batch_size", "num_model_actors",
-         "cpus_per_model_actor", "crf_workers", "crf_backend", "device", "since", "tracking_uri", "experiment")
+         "cpus_per_model_actor", "crf_workers", "crf_backend", "device", "since", "tracking_uri", "experiment",
+         "max_attempts", "crash_limit", "lease_ttl_s", "lease_wait_s")
+EXIT_BUSY = 3  # another run holds the output's lease: nothing was done
 
 
 # CRF kernel flags; unset ones come from the version's tuned set (pipelines/tune_crf.py) or defaults.
@@ -65,14 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"dense CRF {what} (overrides a registered version's tuned value)")
     p.add_argument("--overlays", action="store_const", const=True, default=None, help=_help("overlays"))
     p.add_argument("--eval", dest="evaluate", action="store_const", const=True, default=None, help=_help("evaluate"))
+    p.add_argument("--retry-errors", dest="retry_errors", action="store_const", const=True, default=None,
+                   help=_help("retry_errors"))
+    p.add_argument("--changed", choices=("reprocess", "skip"), default=None,
+                   help="a settled input listed with another size/etag: process it again (default) or skip it")
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any input ended as an error")
     add_common_flags(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> SegmentConfig:
-    values = {name: getattr(args, name) for name in (*FLAGS, "scales", "flip", "crf", "overlays", "evaluate")
+    values = {name: getattr(args, name)
+              for name in (*FLAGS, "scales", "flip", "crf", "overlays", "evaluate", "retry_errors")
               if getattr(args, name) is not None}
+    if args.changed is not None:
+        values["reprocess_changed"] = args.changed == "reprocess"
     crf = {name: getattr(args, "crf_" + name) for name in ("iterations", *CRF_FLAGS)}
     crf = {name: value for name, value in crf.items() if value is not None}
     if crf:
@@ -86,8 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     def segment() -> int:
         cfg = config_from_args(args)
         from pipelines.segmentation.job import run_segmentation
+        from pipelines.segmentation.lease import LeaseBusy
 
-        report = run_segmentation(cfg, verbose=args.verbose)
+        try:
+            report = run_segmentation(cfg, verbose=args.verbose)
+        except LeaseBusy as busy:
+            print(f"segment.py: busy: {redact_urls(str(busy))}", file=sys.stderr)
+            return EXIT_BUSY
         return 1 if args.strict and report.errors else 0
 
     return run_main("segment.py", segment, debug=args.debug, argv=argv, verbose=args.verbose)

@@ -49,8 +49,25 @@ class SegmentConfig(Section):
     crf_workers: int = Field(2, ge=1, description="CRF processes running at once")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: one GPU per model actor when "
                                                                        "the cluster has GPUs")
-    since: str | None = Field(None, description="prefix inputs only: files modified at/after this ISO time, or "
-                                                "'last' (the watermark of the previous run in <output>/_state.json)")
+    since: str | None = Field(None, description="prefix inputs only: only files modified at/after this ISO "
+                                                "time; 'last' is the default schedule (every unsettled input, "
+                                                "whatever its time), kept for older command lines")
+    # The ledger (ledger.py) and its retries.
+    max_attempts: int = Field(3, ge=1, description="runs that may retry an input's transient error (I/O, "
+                                                   "worker lost) before it is recorded as permanent")
+    reprocess_changed: bool = Field(True, description="process a settled input again when it is listed with "
+                                                      "another size or etag (mtime where there is no etag)")
+    retry_errors: bool = Field(False, description="retry every recorded error in this run, permanent ones too")
+    crash_limit: int = Field(2, ge=1, description="times one input may kill its worker process in a run before "
+                                                  "it becomes an error record (stage named)")
+    ledger_max_files: int = Field(8, ge=1, description="ledger files kept before they are compacted into one")
+    checkpoint_every_s: float = Field(60.0, gt=0, description="a running run records its outcomes at least this "
+                                                              "often (a killed run loses at most that)")
+    # One run per output (lease.py).
+    lease_ttl_s: float = Field(300.0, gt=0, description="a run's lease on the output expires this long after its "
+                                                        "last heartbeat (heartbeats every third of it)")
+    lease_wait_s: float = Field(0.0, ge=0, description="wait this long for another run's lease before exiting "
+                                                       "busy (exit code 3)")
     evaluate: bool = Field(False, description="with ground-truth masks (manifest mask_uri): mIoU table "
                                               "plain / +MS+flip / +CRF")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (for models:/ and runs:/ URIs, "

@@ -4,33 +4,32 @@ Outputs under ``--output``::
 
     masks/<id>.png               palette PNG (VOC colours; pixel values are the class ids)
     overlays/<id>.jpg            with --overlays
-    results/<run>-<n>.parquet    one row per image {id, uri, output_uri, status, classes, seconds_*}
-    errors/<run>-<n>.parquet     ErrorRecord rows {id, uri, stage, reason}
-    _state.json                  watermark for --since last, and the last run's summary
+    results/<run>.parquet        one row per image {id, uri, output_uri, status, classes, seconds_*}
+                                 (older versions wrote results/<run>-<n>.parquet per batch; still read)
+    errors/<run>.parquet         ErrorRecord rows {id, uri, stage, reason}
+    ledger/, _lease/             what is settled (ledger.py), who is running (lease.py)
+    _state.json                  the last run's summary
 
 Idempotency: a mask is written atomically (an object-store PUT, or temp file + rename locally)
-and its results row only after it, so an image counts as done only when its ``ok`` row and its
-mask both exist; a re-run skips exactly those, a killed run redoes at most its in-flight batches.
-Reading the results keeps the latest row per id (:func:`read_results`).
+and its ledger entry only after it, so an input is settled only once its outcome is recorded; a
+re-run processes exactly the unsettled inputs (ledger.py). Reading the results keeps the latest
+row per id (:func:`read_results`).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import posixpath
 import re
-import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
-from pipelines.data.errors import ErrorRecord, errors_table
+from pipelines.data.errors import ErrorRecord
 from pipelines.data.manifest import IMAGE_EXTENSIONS, read_manifest
 from pipelines.data.storage import (
     TEMP_PREFIX,
@@ -42,6 +41,14 @@ from pipelines.data.storage import (
     uri_for,
     write_atomically,
 )
+from pipelines.segmentation.ledger import (  # the layout's directory names live with the ledger
+    ERRORS_DIR,  # noqa: F401 - part of this module's layout too
+    RESULTS_DIR,
+    conform,
+    latest,
+    list_files,
+    read_parquet,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "_state.json"
 
 
-RESULTS_DIR, ERRORS_DIR, MASKS_DIR, OVERLAYS_DIR = "results", "errors", "masks", "overlays"
+MASKS_DIR, OVERLAYS_DIR = "masks", "overlays"
 
 
 MASK_SUFFIX, OVERLAY_SUFFIX = ".png", ".jpg"
@@ -128,55 +135,20 @@ class OutputLayout:
         return self.uri(OVERLAYS_DIR, check_id(record_id) + OVERLAY_SUFFIX)
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    import pyarrow.parquet as pq
-
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    return buffer.getvalue()
-
-
-def _list_files(uri: str, storage_options, suffix: str) -> list[str]:
-    """Paths (inside the filesystem) under ``uri`` ending in ``suffix``; none if it is missing."""
-    fs, path = get_fs(uri, storage_options)
-    fs.invalidate_cache(path)  # s3fs caches listings per process; a listing must be current
-    try:
-        return sorted(p for p in fs.find(path) if p.endswith(suffix))
-    except FileNotFoundError:
-        return []
-
-
-def _conform(table: pa.Table) -> pa.Table:
-    """A results part in RESULTS_SCHEMA; columns added since it was written become nulls."""
-    for field in RESULTS_SCHEMA:
-        if field.name not in table.column_names:
-            table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
-    return table.select(RESULTS_SCHEMA.names).cast(RESULTS_SCHEMA)
-
-
 def read_results(output: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
-    """All results rows under ``<output>/results/``, one per id (the latest ``finished_at`` wins).
-
-    A part file that cannot be read (e.g. cut short on a filesystem without atomic writes) is
-    skipped with a warning: its images will simply be segmented again.
-    """
-    import pyarrow.parquet as pq
-
+    """All results rows under ``<output>/results/`` (one file per run, or per batch from older
+    versions), one per id: the latest ``finished_at`` wins. A part that cannot be read (e.g. cut
+    short on a filesystem without atomic writes) is skipped with a warning."""
     fs, _ = get_fs(output, storage_options)
     tables = []
-    for path in _list_files(join_uri(output, RESULTS_DIR), storage_options, ".parquet"):
+    for path in list_files(join_uri(output, RESULTS_DIR), storage_options):
         try:
-            with fs.open(path, "rb") as f:
-                tables.append(_conform(pq.read_table(f)))
-        except Exception as err:  # noqa: BLE001 - an unreadable part only costs a redo
+            tables.append(conform(read_parquet(fs, path), RESULTS_SCHEMA))
+        except Exception as err:  # noqa: BLE001 - an unreadable part only loses its rows from the view
             log.warning("skipping unreadable results part %s: %s", path, type(err).__name__)
     if not tables:
         return RESULTS_SCHEMA.empty_table()
-    table = pa.concat_tables(tables)
-    table = table.sort_by([("id", "ascending"), ("finished_at", "ascending")])
-    ids = table.column("id").to_numpy(zero_copy_only=False)
-    last_of_id = np.append(ids[1:] != ids[:-1], True)
-    return table.filter(pa.array(last_of_id))
+    return latest(pa.concat_tables(tables), ["id"], "finished_at")
 
 
 def finished_ids(output: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
@@ -192,10 +164,27 @@ def finished_ids(output: str, storage_options: Mapping[str, Any] | None = None) 
     prefix = masks_path.rstrip("/") + "/"
     present = {
         p[len(prefix):-len(MASK_SUFFIX)]
-        for p in _list_files(masks_uri, storage_options, MASK_SUFFIX)
+        for p in list_files(masks_uri, storage_options, MASK_SUFFIX)
         if p.startswith(prefix)
     }
     return ok & present
+
+
+def migrate_to_ledger(output: str, run_id: str, storage_options: Mapping[str, Any] | None = None) -> int:
+    """An output written by a version without a ledger: its finished images (an ``ok`` results
+    row and its mask) become settled entries, once, so the switch re-segments nothing. Errors
+    are left out (retried as before). Returns how many entries were written."""
+    from pipelines.segmentation import ledger
+
+    done = finished_ids(output, storage_options)
+    if not done:
+        return 0
+    rows = [r for r in read_results(output, storage_options).select(["id", "uri", "finished_at"]).to_pylist()
+            if r["id"] in done]
+    entries = [ledger.ledger_row(r["id"], r["uri"], None, None, None, STATUS_OK, None, None, 0, 1, run_id,
+                                 r["finished_at"]) for r in rows]
+    ledger.write_entries(output, f"{ledger.COMPACT_PREFIX}migrated-{run_id}", entries, storage_options)
+    return len(entries)
 
 
 def read_state(output: str, storage_options: Mapping[str, Any] | None = None) -> dict:
@@ -206,23 +195,9 @@ def read_state(output: str, storage_options: Mapping[str, Any] | None = None) ->
         return {}
 
 
-def write_state(output: str, watermark: str | None, last_run: Mapping[str, Any],
-                storage_options: Mapping[str, Any] | None = None) -> None:
-    state = {"watermark": watermark, "last_run": dict(last_run),
-             "updated_at": datetime.now(timezone.utc).isoformat()}
+def write_state(output: str, last_run: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> None:
+    state = {"last_run": dict(last_run), "updated_at": datetime.now(timezone.utc).isoformat()}
     write_atomically(join_uri(output, STATE_FILE), json.dumps(state, indent=2).encode(), storage_options)
-
-
-def write_parts(output: str, run_id: str, rows: list[dict], errors: list[ErrorRecord],
-                storage_options: Mapping[str, Any] | None = None) -> None:
-    """One results part and (if any) one errors part, each written atomically; masks first."""
-    part = f"{run_id}-{uuid.uuid4().hex[:12]}.parquet"
-    if errors:
-        data = _parquet_bytes(errors_table(errors))
-        write_atomically(join_uri(output, ERRORS_DIR, part), data, storage_options)
-    if rows:
-        data = _parquet_bytes(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA))
-        write_atomically(join_uri(output, RESULTS_DIR, part), data, storage_options)
 
 
 def error_row(error: ErrorRecord, run_id: str, model_uri: str) -> dict:
@@ -243,6 +218,14 @@ class InputItem:
     id: str
     uri: str
     mask_uri: str = ""
+    # As listed (prefix inputs): what the ledger compares to tell a changed input.
+    size: int | None = None
+    etag: str | None = None
+    mtime: datetime | None = None
+
+    def row(self) -> dict:
+        """The row the stages see (no listing details)."""
+        return {"id": self.id, "uri": self.uri, "mask_uri": self.mask_uri}
 
 
 @dataclass
@@ -250,7 +233,7 @@ class InputListing:
     items: list[InputItem]
     errors: list[ErrorRecord]  # ids that cannot be output keys, duplicate ids
     read: int  # everything selected for this run (after --since)
-    watermark: datetime | None  # newest modification time seen (prefix inputs)
+    rejected: list[InputItem] = field(default_factory=list)  # the items of ``errors``, in order
 
 
 def parse_time(text: str) -> datetime:
@@ -282,23 +265,26 @@ def is_manifest(uri: str) -> bool:
     return True
 
 
-def _checked(items: Iterable[InputItem], check_ids: bool) -> tuple[list[InputItem], list[ErrorRecord]]:
+def _checked(items: Iterable[InputItem], check_ids: bool, read: int) -> InputListing:
     """Drops (as error records) ids that repeat an earlier id or, with ``check_ids``, that are
     unsafe as output keys."""
-    kept, errors, seen = [], [], {}
+    listing, seen = InputListing([], [], read), {}
     for item in items:
+        reason = None
         try:
             if check_ids:
                 check_id(item.id)
         except ValueError as err:
-            errors.append(ErrorRecord(item.id, item.uri, "id", f"unusable id: {err}"))
-            continue
-        if item.id in seen:
-            errors.append(ErrorRecord(item.id, item.uri, "id", f"duplicate id (also {seen[item.id]})"))
+            reason = f"unusable id: {err}"
+        if reason is None and item.id in seen:
+            reason = f"duplicate id (also {seen[item.id]})"
+        if reason is not None:
+            listing.errors.append(ErrorRecord(item.id, item.uri, "id", reason))
+            listing.rejected.append(item)
             continue
         seen[item.id] = item.uri
-        kept.append(item)
-    return kept, errors
+        listing.items.append(item)
+    return listing
 
 
 def _is_temporary(name: str) -> bool:
@@ -314,8 +300,8 @@ def list_inputs(
     check_ids: bool = True,
 ) -> InputListing:
     """The run's inputs: manifest rows, or the images under a prefix (id = relative path without
-    the extension). ``since`` keeps prefix files modified at or after it (inclusive, so a file
-    written in the watermark's second is not lost; finished ones are skipped anyway).
+    the extension). ``since`` (an explicit ``--since`` time) keeps prefix files modified at or
+    after it.
     ``exclude_prefix`` (the output) is never listed as input. ``check_ids=False`` (nothing will be
     written, e.g. evaluation) keeps ids that would be unsafe output keys."""
     if is_manifest(input_uri):
@@ -323,9 +309,8 @@ def list_inputs(
             raise ValueError("--since needs a prefix input (manifest rows carry no modification time)")
         table = read_manifest(input_uri, storage_options)
         rows = table.to_pylist()
-        items, errors = _checked((InputItem(r["id"], r["image_uri"], r["mask_uri"] or "") for r in rows),
-                                 check_ids)
-        return InputListing(items, errors, read=len(rows), watermark=None)
+        return _checked((InputItem(r["id"], r["image_uri"], r["mask_uri"] or "") for r in rows), check_ids,
+                        read=len(rows))
 
     # A typo must not look like an empty, healthy tick: the bucket (object stores) or the folder
     # (elsewhere) must exist; an existing empty prefix is a success with nothing to do.
@@ -338,7 +323,8 @@ def list_inputs(
         found = fs.find(root, detail=True)
     except FileNotFoundError:
         found = {}
-    selected, newest = [], None
+    plain = is_local(input_uri) and "://" not in str(input_uri)  # uri_for, decided once
+    selected = []
     for path, info in sorted(found.items()):
         if not path.startswith(prefix) or (excluded and path.startswith(excluded)):
             continue
@@ -347,10 +333,19 @@ def list_inputs(
         if ext.lower() not in IMAGE_EXTENSIONS or _is_temporary(posixpath.basename(relative)):
             continue
         mtime = modified_time(info)
-        if mtime is not None:
-            newest = mtime if newest is None else max(newest, mtime)
         if since is not None and mtime is not None and mtime < since:
             continue
-        selected.append(InputItem(stem, uri_for(fs, path, input_uri)))
-    items, errors = _checked(selected, check_ids)
-    return InputListing(items, errors, read=len(selected), watermark=newest)
+        size = info.get("size", info.get("Size"))
+        selected.append(InputItem(stem, path if plain else uri_for(fs, path, input_uri),
+                                  size=int(size) if size is not None else None,
+                                  etag=_etag(info), mtime=mtime))
+    return _checked(selected, check_ids, read=len(selected))
+
+
+def _etag(info: Mapping[str, Any]) -> str | None:
+    """The object's ETag (S3, GCS, Azure) as listed, without quotes; None on plain filesystems."""
+    for key in ("ETag", "etag", "md5Hash"):
+        value = info.get(key)
+        if value:
+            return str(value).strip('"')
+    return None

@@ -2,13 +2,16 @@
 
 Stages (streaming: every stage runs while the others do; see stages.py)::
 
-    list prefix / read manifest  (driver)     ids checked, --since filter, finished ids skipped
+    lease on the output          (driver)     one run per output at a time (lease.py)
+    list prefix / read manifest  (driver)     ids checked, settled inputs skipped (ledger.py)
       -> read + decode           CPU tasks    bad input becomes an error row, never a crash
       -> model                   actor pool   predict_probs (scales, flip); GPU when present
       -> dense CRF               CPU tasks    separate processes (pydensecrf holds the GIL)
-      -> write                   CPU tasks    masks, overlays, then the batch's results/errors
+      -> write                   CPU tasks    masks, overlays
+    record                       (driver)     results + ledger checkpoints, one file each per run
 
-Output layout and the idempotency contract: io.py.
+An input that kills its worker process ends as an error row (poison.py). Output layout and the
+idempotency contract: io.py and ledger.py.
 """
 
 from __future__ import annotations
@@ -18,28 +21,33 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
+
+import pyarrow as pa
 
 from deeplab_core.constants import CRFParams
 from pipelines import tracking
 from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.common.errors import InputError
-from pipelines.data.storage import absolute_uri, check_access, join_uri, redact_urls
-from pipelines.segmentation import crf_settings
+from pipelines.data.errors import ErrorRecord
+from pipelines.data.storage import absolute_uri, check_access, get_fs, join_uri, redact_urls
+from pipelines.segmentation import crf_settings, ledger, lease
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     ERRORS_DIR,
+    RESULTS_SCHEMA,
+    STATUS_OK,
     InputItem,
+    InputListing,
     error_row,
-    finished_ids,
     list_inputs,
+    migrate_to_ledger,
     parse_time,
-    read_state,
-    write_parts,
     write_state,
 )
+from pipelines.segmentation.poison import Guard, new_guard
 from pipelines.segmentation.report import (
     METRIC_KEYS,
     SegmentReport,
@@ -49,11 +57,23 @@ from pipelines.segmentation.report import (
     format_scales,
 )
 from pipelines.segmentation.stages import (
+    CLASSES,
+    ERROR_REASON,
+    ERROR_STAGE,
+    FINISHED_AT,
+    ID,
+    OUTPUT_URI,
+    OVERLAY_URI,
+    SECONDS_CRF,
+    SECONDS_DECODE,
+    SECONDS_MODEL,
+    STATUS,
     InferencePlan,
     ModelStage,
     WriteSpec,
     crf_stage,
     decode_stage,
+    initial_status,
     normalisation_of,
     num_classes_of,
     summary_columns,
@@ -67,36 +87,36 @@ def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *,
     """The Ray Data pipeline over ``items``; its rows are per-image summaries (no pixels)."""
     import ray.data
 
-    rows = [asdict(item) for item in items]
+    status = {k: v[0] for k, v in initial_status(1).items()}
+    rows = [{**item.row(), **status} for item in items]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), math.ceil(len(rows) / batch_size))))
+    # Bounded retries: the guard turns an input that kills workers into an error row after
+    # crash_limit deaths; Ray's default for actors is to retry without end. (Ray 2.60 has no
+    # named map_batches parameter for these yet: they go as remote args, with its warning.)
+    tasks, actors = {}, {}
+    if plan.guard is not None:
+        retries = plan.guard.ray_retries(batch_size)
+        tasks, actors = {"max_retries": retries}, {"max_restarts": -1, "max_task_retries": retries}
     # 0.5 CPU: unequal resources keep Ray Data from fusing the decode into the model actors,
     # so decoding overlaps inference instead of running inside the actor.
     ds = ds.map_batches(decode_stage, fn_kwargs={"plan": plan}, batch_size=batch_size,
-                        batch_format="numpy", num_cpus=0.5)
+                        batch_format="numpy", num_cpus=0.5, **tasks)
     model_resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": cpus_per_model_actor}
     ds = ds.map_batches(
         ModelStage,
         fn_constructor_kwargs={"model_ref": model_ref, "plan": plan, "device": "cuda" if gpu else "cpu",
                                "num_threads": int(max(1, cpus_per_model_actor))},
         compute=ray.data.ActorPoolStrategy(size=num_model_actors),
-        batch_size=batch_size, batch_format="numpy", **model_resources,
+        batch_size=batch_size, batch_format="numpy", **model_resources, **actors,
     )
     if plan.run_crf and not plan.crf_in_model:
         ds = ds.map_batches(crf_stage, fn_kwargs={"plan": plan}, batch_size=batch_size,
                             batch_format="numpy", num_cpus=1,
-                            compute=ray.data.TaskPoolStrategy(size=crf_workers))
+                            compute=ray.data.TaskPoolStrategy(size=crf_workers), **tasks)
     if write is not None:
         ds = ds.map_batches(write_stage, fn_kwargs={"spec": write}, batch_size=batch_size,
-                            batch_format="numpy", num_cpus=0.25)
-    return ds.select_columns(summary_columns(plan))
-
-
-def _since(cfg: SegmentConfig, state: Mapping[str, Any]) -> datetime | None:
-    if cfg.since is None:
-        return None
-    if cfg.since == "last":
-        return parse_time(state["watermark"]) if state.get("watermark") else None
-    return parse_time(cfg.since)
+                            batch_format="numpy", num_cpus=0.25, **tasks)
+    return ds.select_columns(summary_columns(plan, write=write is not None))
 
 
 def crf_backend_for(setting: str, gpu: bool) -> str:
@@ -108,7 +128,7 @@ def crf_backend_for(setting: str, gpu: bool) -> str:
 
 
 def make_plan(cfg: SegmentConfig, model, meta: Mapping[str, Any], *, table: bool, score: bool,
-              gpu: bool = False, crf_params: CRFParams | None = None) -> InferencePlan:
+              gpu: bool = False, crf_params: CRFParams | None = None, guard: Guard | None = None) -> InferencePlan:
     """The plan; `crf_params` None: the config's own fields over the defaults (no tuned set)."""
     mean, std = normalisation_of(meta, model)
     if crf_params is None:
@@ -118,7 +138,7 @@ def make_plan(cfg: SegmentConfig, model, meta: Mapping[str, Any], *, table: bool
         fusion=cfg.fusion, max_pixels=cfg.max_pixels, crf=cfg.crf, crf_params=crf_params,
         crf_backend=crf_backend_for(cfg.crf_backend, gpu),
         table=table, score=score, overlays=cfg.overlays, max_input_pixels=cfg.max_input_pixels,
-        storage_options=cfg.storage_options,
+        storage_options=cfg.storage_options, guard=guard,
     )
 
 
@@ -171,9 +191,10 @@ def load_checked_model(uri: str, storage_options: Mapping[str, Any] | None,
 
 
 def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping[str, Any], model_uri: str,
-             write: WriteSpec, crf_params: CRFParams) -> tuple[Tally, dict | None, str | None, str | None]:
-    """Runs the stages over `todo`: the tally, the evaluation (metrics, table) with --eval, and
-    the CRF backend that ran."""
+             write: WriteSpec, crf_params: CRFParams, guard: Guard,
+             on_batch) -> tuple[Tally, dict | None, str | None, str | None]:
+    """Runs the stages over `todo` (each summary batch to `on_batch`): the tally, the evaluation
+    (metrics, table) with --eval, and the CRF backend that ran."""
     import ray
 
     evaluate = cfg.evaluate and any(item.mask_uri for item in todo)
@@ -181,15 +202,15 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping
         print("[segment] --eval: no ground-truth masks among the inputs (use a manifest with "
               "mask_uri); no evaluation", flush=True)
     gpu = use_gpu(cfg.device)
-    plan = make_plan(cfg, model, meta, table=evaluate, score=False, gpu=gpu, crf_params=crf_params)
-    write = replace(write, crf_backend=plan.crf_backend)
+    plan = make_plan(cfg, model, meta, table=evaluate, score=False, gpu=gpu, crf_params=crf_params, guard=guard)
+    write = replace(write, guard=guard)
     crf = f"CRF {plan.crf_backend}" + (" (in the model actor)" if plan.crf_in_model else "") if plan.run_crf else "no CRF"
     print(f"[segment] model {model_uri} ({plan.num_classes} classes) on {'GPU' if gpu else 'CPU'}; "
           f"scales {format_scales(cfg.scales)}, flip {cfg.flip}, {crf}", flush=True)
     ds = build_dataset(todo, plan, ray.put(model), batch_size=cfg.batch_size,
                        num_model_actors=cfg.num_model_actors, cpus_per_model_actor=cfg.cpus_per_model_actor,
                        crf_workers=cfg.crf_workers, gpu=gpu, write=write)
-    tally = consume(ds, len(todo), cfg.progress_every_s)
+    tally = consume(ds, len(todo), cfg.progress_every_s, on_batch=on_batch)
     backend = plan.crf_backend if plan.run_crf else None
     if not evaluate:
         return tally, None, None, backend
@@ -197,71 +218,152 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping
     return tally, evaluation, table, backend
 
 
-def _newest(*times: datetime | None) -> datetime | None:
-    present = [t for t in times if t is not None]
-    return max(present) if present else None
-
-
 def _run(cfg: SegmentConfig, verbose: bool) -> SegmentReport:
     started = time.monotonic()
     cfg = cfg.model_copy(update={"input": absolute_uri(cfg.input),
                                  "output": absolute_uri(cfg.output).rstrip("/")})
-    options = cfg.storage_options
     run_id = _new_run_id()
     # Everything that can make the whole run pointless is checked before Ray starts.
     if cfg.tracking_uri:
         tracking.check_reachable(cfg.tracking_uri, must_exist=tracking.is_registry_uri(cfg.model))
-    check_access(cfg.output, options)
+    check_access(cfg.output, cfg.storage_options)
+    with lease.acquire(cfg.output, run_id, cfg.storage_options, ttl_s=cfg.lease_ttl_s,
+                       wait_s=cfg.lease_wait_s) as held:
+        return _run_leased(cfg, verbose, run_id, held, started)
 
-    state = read_state(cfg.output, options)
-    since = _since(cfg, state)
+
+@dataclass
+class Todo:
+    item: InputItem
+    attempts: int  # transient failures before this run
+    error: ErrorRecord | None = None  # known before any worker sees it (an unusable id)
+
+
+def select_work(cfg: SegmentConfig, listing: InputListing, settled: pa.Table) -> list[Todo]:
+    """The listed inputs this run processes (ledger.select); the rest count as skipped."""
+    pairs = [(item, None) for item in listing.items] + list(zip(listing.rejected, listing.errors))
+    work, attempts = ledger.select(ledger.listed_table([item for item, _ in pairs]), settled,
+                                   max_attempts=cfg.max_attempts, reprocess_changed=cfg.reprocess_changed,
+                                   retry_errors=cfg.retry_errors)
+    return [Todo(item, int(attempts[i]), error) for i, (item, error) in enumerate(pairs) if work[i]]
+
+
+def _text(value: Any) -> str | None:
+    """A string column's value; "" and the NaN Ray Data makes of an all-None column are None."""
+    return value if isinstance(value, str) and value else None
+
+
+class Recording:
+    """The driver's side of the stream: each finished input's results row and ledger entry."""
+
+    def __init__(self, cfg: SegmentConfig, run_id: str, model_uri: str, write: WriteSpec, held: lease.Lease,
+                 todo: Sequence[Todo]) -> None:
+        self.cfg, self.run_id, self.model_uri, self.write, self.held = cfg, run_id, model_uri, write, held
+        self.by_id = {t.item.id: t for t in todo if t.error is None}
+        self.recorder = ledger.RunRecorder(cfg.output, run_id, RESULTS_SCHEMA, cfg.storage_options,
+                                           flush_s=cfg.checkpoint_every_s)
+
+    def entry(self, todo: Todo, status: str, stage: str | None, reason: str | None, when: datetime) -> dict:
+        item = todo.item
+        return ledger.ledger_row(item.id, item.uri, item.size, item.etag, item.mtime, status, stage, reason,
+                                 todo.attempts, self.cfg.max_attempts, self.run_id, when)
+
+    def known_errors(self, todo: Sequence[Todo]) -> None:
+        now = datetime.now(timezone.utc)
+        self.recorder.add([error_row(t.error, self.run_id, self.model_uri) for t in todo],
+                          [self.entry(t, "error", t.error.stage, t.error.reason, now) for t in todo])
+
+    def __call__(self, batch: dict[str, Any]) -> None:
+        self.held.check()  # a run whose lease was taken over stops before recording more
+        spec, results, entries = self.write, [], []
+        for i, record_id in enumerate(batch[ID]):
+            todo = self.by_id[str(record_id)]
+            ok = batch[STATUS][i] == STATUS_OK
+            when = datetime.fromtimestamp(float(batch[FINISHED_AT][i]), tz=timezone.utc)
+            crf = ok and spec.crf
+            results.append({
+                "id": todo.item.id, "uri": todo.item.uri, "output_uri": _text(batch[OUTPUT_URI][i]),
+                "overlay_uri": _text(batch[OVERLAY_URI][i]), "status": str(batch[STATUS][i]),
+                "classes": [int(c) for c in str(batch[CLASSES][i]).split(",") if c],
+                "seconds_decode": float(batch[SECONDS_DECODE][i]),
+                "seconds_model": float(batch[SECONDS_MODEL][i]) if ok else None,
+                "seconds_crf": float(batch[SECONDS_CRF][i]) if crf else None,
+                "crf_backend": spec.crf_backend if crf else None, "run_id": self.run_id,
+                "model_uri": self.model_uri, "finished_at": when,
+                "crf_source": spec.crf_source if crf else None, "crf_params": spec.crf_params if crf else None,
+            })
+            stage, reason = (None, None) if ok else (_text(batch[ERROR_STAGE][i]), _text(batch[ERROR_REASON][i]))
+            entries.append(self.entry(todo, str(batch[STATUS][i]), stage, reason, when))
+        self.recorder.add(results, entries)
+
+
+def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Lease, started: float) -> SegmentReport:
+    options = cfg.storage_options
+    files = ledger.ledger_files(cfg.output, options)
+    if files.pending:  # checkpoints of a killed run: settle them first (the lease says it is gone)
+        ledger.fold_pending(cfg.output, files, RESULTS_SCHEMA, options)
+        files = ledger.ledger_files(cfg.output, options)
+    if not files.settled and migrate_to_ledger(cfg.output, run_id, options):
+        files = ledger.ledger_files(cfg.output, options)
+    settled = ledger.read_ledger(cfg.output, options, files)
+    since = parse_time(cfg.since) if cfg.since not in (None, "last") else None
     listing = list_inputs(cfg.input, options, since=since, exclude_prefix=cfg.output)
-    done = finished_ids(cfg.output, options)
-    todo = [item for item in listing.items if item.id not in done]
-    skipped = len(listing.items) - len(todo)
+    todo = select_work(cfg, listing, settled)
+    known_errors = [t for t in todo if t.error is not None]
+    work = [t.item for t in todo if t.error is None]
+    skipped = listing.read - len(todo)
+    retried = sum(1 for t in todo if t.attempts)
     print(f"[segment] run {run_id}: {listing.read} input(s) from {redact_urls(cfg.input)}"
           + (f" modified since {since.isoformat()}" if since else "")
-          + f"; {skipped} already done, {len(listing.errors)} unusable id(s), {len(todo)} to segment",
-          flush=True)
+          + f"; {skipped} already settled, {len(known_errors)} unusable id(s), {len(work)} to segment"
+          + (f" ({retried} retried after a transient error)" if retried else ""), flush=True)
 
-    model_uri, model, meta = load_checked_model(cfg.model, options, load=bool(todo))
+    model_uri, model, meta = load_checked_model(cfg.model, options, load=bool(work))
     with _model_errors(cfg.model):  # the version's tuned CRF set is read from the registry
         crf_params, crf_source = choose_crf_params(cfg, model_uri)
-    if todo and (cfg.crf or cfg.evaluate):
+    if work and (cfg.crf or cfg.evaluate):
         print(f"[segment] CRF parameters ({crf_source}): {crf_settings.params_json(crf_params)}", flush=True)
-    write = WriteSpec(cfg.output, run_id, model_uri, cfg.crf, cfg.overlays, cfg.overlay_alpha, options,
-                      crf_source=crf_source, crf_params=crf_settings.params_json(crf_params))
-    if listing.errors:
-        rows = [error_row(e, run_id, model_uri) for e in listing.errors]
-        write_parts(cfg.output, run_id, rows, listing.errors, options)
-    if todo:
+    gpu, guard = False, None
+    if work:
         ensure_ray(verbose=verbose)
-        tally, evaluation, table, crf_backend = _segment(cfg, todo, model, meta, model_uri, write, crf_params)
+        guard = new_guard(cfg.crash_limit)  # its actor starts while the pipeline is planned
+        gpu = use_gpu(cfg.device)
+    write = WriteSpec(cfg.output, run_id, model_uri, cfg.crf, cfg.overlays, cfg.overlay_alpha, options,
+                      crf_backend=crf_backend_for(cfg.crf_backend, gpu), crf_source=crf_source,
+                      crf_params=crf_settings.params_json(crf_params))
+    recording = Recording(cfg, run_id, model_uri, write, held, todo)
+    if known_errors:
+        recording.known_errors(known_errors)
+    if work:
+        tally, evaluation, table, crf_backend = _segment(cfg, work, model, meta, model_uri, write, crf_params,
+                                                         guard, on_batch=recording)
     else:
         tally, evaluation, table, crf_backend = Tally(), None, None, None
+    held.check()
+    recording.recorder.finish()
+    if recording.recorder.ledger:
+        run_file = get_fs(join_uri(cfg.output, ledger.LEDGER_DIR, f"{run_id}.parquet"), options)[1]
+        ledger.compact(cfg.output, run_id, [*files.settled, run_file], cfg.ledger_max_files, options)
 
-    previous = parse_time(state["watermark"]) if state.get("watermark") else None
-    watermark = _newest(listing.watermark, previous)
     errors_by_stage = dict(tally.errors_by_stage)
-    if listing.errors:
-        errors_by_stage["id"] = errors_by_stage.get("id", 0) + len(listing.errors)
+    if known_errors:
+        errors_by_stage["id"] = errors_by_stage.get("id", 0) + len(known_errors)
     report = SegmentReport(
         run_id=run_id, model_uri=model_uri, read=listing.read, ok=tally.ok,
-        errors=tally.errors + len(listing.errors), skipped=skipped,
+        errors=tally.errors + len(known_errors), skipped=skipped,
         seconds=time.monotonic() - started, stage_seconds=dict(tally.seconds),
-        errors_by_stage=errors_by_stage, evaluation=evaluation, table=table,
-        watermark=watermark.isoformat() if watermark else None, crf_backend=crf_backend,
+        errors_by_stage=errors_by_stage, evaluation=evaluation, table=table, crf_backend=crf_backend,
         crf_source=crf_source if cfg.crf else None, crf_params=asdict(crf_params) if cfg.crf else None,
     )
     last_run = {k: v for k, v in asdict(report).items() if k not in ("evaluation", "table")}
-    write_state(cfg.output, report.watermark, last_run, options)
+    write_state(cfg.output, last_run, options)
     print(f"[segment] {report.summary_line()}", flush=True)
     if report.errors:
         print(f"[segment] errors by stage: {report.errors_by_stage} (see {join_uri(cfg.output, ERRORS_DIR)})",
               flush=True)
     if table:
         print("\n" + table + "\n", flush=True)
-    if cfg.tracking_uri and (todo or listing.errors):  # a tick with nothing to do leaves no MLflow run
+    if cfg.tracking_uri and todo:  # a tick with nothing to do leaves no MLflow run
         print(f"[segment] logged to MLflow run {log_run(cfg, report, crf_params, crf_source)}", flush=True)
     return report
 

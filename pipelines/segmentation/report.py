@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,9 +56,11 @@ class Tally:
                 self.cms[name] = self.cms.get(name, 0) + total
 
 
-def consume(ds, total: int, every_s: float, label: str = "segment") -> Tally:
-    """Sums the stream's per-image summaries. Progress: a tqdm bar on a terminal, else a line
-    every `every_s` seconds; counts are images whose results are written (the pipeline's end)."""
+def consume(ds, total: int, every_s: float, label: str = "segment",
+            on_batch: Callable[[dict[str, np.ndarray]], None] | None = None) -> Tally:
+    """Sums the stream's per-image summaries (and hands each batch to `on_batch`). Progress: a
+    tqdm bar on a terminal, else a line every `every_s` seconds; counts are images whose results
+    are written (the pipeline's end)."""
     import sys
 
     from tqdm import tqdm
@@ -69,6 +71,8 @@ def consume(ds, total: int, every_s: float, label: str = "segment") -> Tally:
         # prefetch_batches=0: results are counted as they finish, not a prefetch window later.
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             before = tally.done
+            if on_batch is not None:
+                on_batch(batch)
             tally.add(batch)
             bar.update(tally.done - before)
             bar.set_postfix(ok=tally.ok, errors=tally.errors, refresh=False)
@@ -94,7 +98,6 @@ class SegmentReport:
     errors_by_stage: dict[str, int]
     evaluation: dict[str, dict] | None = None
     table: str | None = None
-    watermark: str | None = None
     crf_backend: str | None = None  # the CRF that ran (None: no CRF)
     crf_source: str | None = None  # where the CRF parameters came from (None: no CRF on the masks)
     crf_params: dict | None = None
@@ -110,7 +113,7 @@ class SegmentReport:
 
     def summary_line(self) -> str:
         return (f"read {self.read} = ok {self.ok} + errors {self.errors} + skipped {self.skipped} "
-                f"(already done); {self.images_per_s:.2f} images/s over {self.seconds:.1f} s")
+                f"(already settled); {self.images_per_s:.2f} images/s over {self.seconds:.1f} s")
 
     def run_summary(self) -> RunSummary:
         """The processed part as the shared ``read == ok + errors`` summary (skipped left out)."""

@@ -3,7 +3,11 @@
     decode  (CPU tasks)   id, uri, mask_uri -> + image, [gt, has_gt], status, seconds_decode
     model   (actor pool)  -> + label, [probs], [cm_plain, cm_tta | cm], seconds_model
     crf     (CPU tasks)   -> label refined, [cm_crf | cm], seconds_crf   (pydensecrf holds the GIL)
-    write   (CPU tasks)   masks, overlays, then the batch's results/errors parts; pixels dropped
+    write   (CPU tasks)   masks, overlays; -> + output_uri, overlay_uri, classes; pixels dropped
+                          (the driver records the outcome: ledger.py)
+
+Every stage runs its batch under poison.guarded: an input that kills its worker process ends as
+an error row of that stage instead of making Ray retry it without end.
 
 Which optional columns exist is decided once per run by the `InferencePlan`; the column names
 are the constants below, so every stage and the driver agree on them.
@@ -21,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from deeplab_core.constants import IMAGENET_MEAN, IMAGENET_STD, CRFParams
-from pipelines.data.errors import ErrorRecord
 from pipelines.data.rows import RowDecoder
 from pipelines.data.storage import resolve_storage_options, scrub
 from pipelines.segmentation.io import (
@@ -29,8 +32,8 @@ from pipelines.segmentation.io import (
     STATUS_OK,
     OutputLayout,
     write_atomically,
-    write_parts,
 )
+from pipelines.segmentation.poison import Guard, guarded
 
 # Columns. Always present: ID .. SECONDS_DECODE. The others as the plan says.
 ID, URI, MASK_URI = "id", "uri", "mask_uri"
@@ -38,6 +41,9 @@ STATUS, ERROR_STAGE, ERROR_REASON = "status", "error_stage", "error_reason"
 IMAGE, GT, HAS_GT, PROBS, LABEL = "image", "gt", "has_gt", "probs", "label"
 SECONDS_DECODE, SECONDS_MODEL, SECONDS_CRF = "seconds_decode", "seconds_model", "seconds_crf"
 CM_PLAIN, CM_TTA, CM_CRF, CM = "cm_plain", "cm_tta", "cm_crf", "cm"  # confusion matrices per image
+# classes: the class ids present in the mask, comma-separated; finished_at: POSIX seconds
+OUTPUT_URI, OVERLAY_URI, CLASSES, FINISHED_AT = "output_uri", "overlay_uri", "classes", "finished_at"
+WRITE_COLUMNS = (ERROR_REASON, OUTPUT_URI, OVERLAY_URI, CLASSES, FINISHED_AT)  # what write adds for the driver
 STATUS_COLUMNS = (STATUS, ERROR_STAGE, ERROR_REASON)
 
 
@@ -60,6 +66,7 @@ class InferencePlan:
     overlays: bool
     max_input_pixels: int
     storage_options: Mapping[str, Any] | None
+    guard: Guard | None = None  # worker deaths per batch/input (None: Ray's own retries only)
 
     @property
     def run_crf(self) -> bool:
@@ -116,9 +123,11 @@ def _writable_status(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return batch
 
 
-def summary_columns(plan: InferencePlan) -> list[str]:
+def summary_columns(plan: InferencePlan, write: bool = False) -> list[str]:
     """The per-image columns that reach the driver (no pixels)."""
     columns = [ID, STATUS, ERROR_STAGE, SECONDS_DECODE, SECONDS_MODEL]
+    if write:
+        columns += WRITE_COLUMNS
     if plan.run_crf:
         columns.append(SECONDS_CRF)
     if plan.with_masks:
@@ -144,22 +153,33 @@ def _error_reason(err: BaseException, uri: str, storage_options) -> str:
 def decode_stage(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np.ndarray]:
     """Reads and decodes images (and ground-truth masks when scoring) with the shared row decoder;
     failures become error rows."""
+    return guarded(plan.guard, "decode", batch, lambda b: _decode(b, plan))
+
+
+def initial_status(n: int) -> dict[str, np.ndarray]:
+    return {STATUS: np.full(n, STATUS_OK, dtype=object), ERROR_STAGE: np.full(n, "", dtype=object),
+            ERROR_REASON: np.full(n, "", dtype=object)}
+
+
+def _decode(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np.ndarray]:
     n = len(batch[ID])
     start = time.perf_counter()
+    out = {ID: batch[ID], URI: batch[URI], **initial_status(n)}
+    if STATUS in batch:  # rows may arrive as errors already (an input the guard gave up on)
+        out.update({name: np.array(batch[name], dtype=object) for name in STATUS_COLUMNS})
+    todo = [i for i in range(n) if out[STATUS][i] == STATUS_OK]
     decoder = RowDecoder(plan.storage_options, plan.num_classes, plan.max_input_pixels,
                          require_masks=False, read_masks=plan.with_masks)
-    mask_uris = list(batch[MASK_URI]) if plan.with_masks else None
-    decoded = decoder.decode_rows(list(batch[ID]), list(batch[URI]), mask_uris)
-    out = {
-        ID: batch[ID], URI: batch[URI],
-        STATUS: np.full(n, STATUS_OK, dtype=object),
-        ERROR_STAGE: np.full(n, "", dtype=object), ERROR_REASON: np.full(n, "", dtype=object),
-    }
+    mask_uris = [batch[MASK_URI][i] for i in todo] if plan.with_masks else None
+    decoded = [None] * n
+    for i, row in zip(todo, decoder.decode_rows([batch[ID][i] for i in todo], [batch[URI][i] for i in todo],
+                                                mask_uris)):
+        decoded[i] = row
     images, masks, has_gt = [], [], np.zeros(n, bool)
     for i, row in enumerate(decoded):
-        if row.error is not None:
+        if row is not None and row.error is not None:
             _mark_error(out, i, row.error.stage, row.error.reason)
-        ok = row.error is None
+        ok = row is not None and row.error is None
         images.append(row.image if ok else _placeholder_image())
         has_gt[i] = ok and row.mask is not None
         masks.append(row.mask if has_gt[i] else _placeholder_mask())
@@ -203,6 +223,9 @@ class ModelStage:
                              max_pixels=self.plan.max_pixels, autocast=False if self.plan.score else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return guarded(self.plan.guard, "model", batch, self._run)
+
+    def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         plan, n = self.plan, len(batch[ID])
         batch = _writable_status(dict(batch))
         labels = [_placeholder_mask()] * n
@@ -295,6 +318,10 @@ def _groups_by_shape(batch: dict[str, np.ndarray]) -> list[list[int]]:
 
 def crf_stage(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np.ndarray]:
     """Dense CRF (pydensecrf, one image at a time) on the model's probabilities."""
+    return guarded(plan.guard, "crf", batch, lambda b: _crf(b, plan))
+
+
+def _crf(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np.ndarray]:
     from deeplab_core.crf import dense_crf
 
     batch = _writable_status(dict(batch))
@@ -357,6 +384,7 @@ class WriteSpec:
     crf_backend: str | None = None  # recorded per image
     crf_source: str | None = None  # results columns `crf_source` / `crf_params` (JSON) when crf
     crf_params: str | None = None
+    guard: Guard | None = None
 
 
 def _png_bytes(label: np.ndarray) -> bytes:
@@ -380,42 +408,35 @@ def _jpeg_bytes(image: np.ndarray, label: np.ndarray, alpha: float) -> bytes:
 
 
 def write_stage(batch: dict[str, np.ndarray], spec: WriteSpec) -> dict[str, np.ndarray]:
-    """Writes masks (and overlays), then this batch's results and errors part files."""
+    """Writes masks (and overlays); the driver records each outcome once this batch reaches it."""
+    return guarded(spec.guard, "write", batch, lambda b: _write(b, spec))
+
+
+def _write(batch: dict[str, np.ndarray], spec: WriteSpec) -> dict[str, np.ndarray]:
     layout = OutputLayout(spec.output)
     n = len(batch[ID])
     batch = _writable_status(dict(batch))
-    rows, errors = [], []
+    # "" for none: a column of only None would reach the driver as float NaNs
+    mask_uris, overlay_uris, classes = [""] * n, [""] * n, [""] * n
     for i in range(n):
-        record_id, uri = str(batch[ID][i]), str(batch[URI][i])
-        mask_uri = overlay_uri = None
-        classes: list[int] = []
-        if batch[STATUS][i] == STATUS_OK:
-            label = batch[LABEL][i]
-            try:
-                mask_uri = layout.mask_uri(record_id)
-                write_atomically(mask_uri, _png_bytes(label), spec.storage_options)
-                if spec.overlays:
-                    overlay_uri = layout.overlay_uri(record_id)
-                    data = _jpeg_bytes(batch[IMAGE][i], label, spec.overlay_alpha)
-                    write_atomically(overlay_uri, data, spec.storage_options)
-                classes = np.flatnonzero(np.bincount(label.ravel(), minlength=1)).tolist()
-            except Exception as err:  # noqa: BLE001
-                _mark_error(batch, i, "write", _error_reason(err, spec.output, spec.storage_options))
-                mask_uri = overlay_uri = None
-        ok = batch[STATUS][i] == STATUS_OK
-        if not ok:
-            errors.append(ErrorRecord(record_id, uri, str(batch[ERROR_STAGE][i]), str(batch[ERROR_REASON][i])))
-        rows.append({
-            "id": record_id, "uri": uri, "output_uri": mask_uri, "overlay_uri": overlay_uri,
-            "status": STATUS_OK if ok else STATUS_ERROR, "classes": classes,
-            "seconds_decode": float(batch[SECONDS_DECODE][i]),
-            "seconds_model": float(batch[SECONDS_MODEL][i]) if ok else None,
-            "seconds_crf": float(batch[SECONDS_CRF][i]) if ok and spec.crf else None,
-            "crf_backend": spec.crf_backend if ok and spec.crf else None,
-            "run_id": spec.run_id, "model_uri": spec.model_uri,
-            "finished_at": datetime.now(timezone.utc),
-            "crf_source": spec.crf_source if ok and spec.crf else None,
-            "crf_params": spec.crf_params if ok and spec.crf else None,
-        })
-    write_parts(spec.output, spec.run_id, rows, errors, spec.storage_options)
-    return {k: v for k, v in batch.items() if k not in (IMAGE, LABEL, URI, ERROR_REASON)}
+        if batch[STATUS][i] != STATUS_OK:
+            continue
+        record_id, label = str(batch[ID][i]), batch[LABEL][i]
+        try:
+            mask_uri = layout.mask_uri(record_id)
+            write_atomically(mask_uri, _png_bytes(label), spec.storage_options)
+            if spec.overlays:
+                overlay_uri = layout.overlay_uri(record_id)
+                data = _jpeg_bytes(batch[IMAGE][i], label, spec.overlay_alpha)
+                write_atomically(overlay_uri, data, spec.storage_options)
+                overlay_uris[i] = overlay_uri
+            mask_uris[i] = mask_uri
+            classes[i] = ",".join(map(str, np.flatnonzero(np.bincount(label.ravel(), minlength=1))))
+        except Exception as err:  # noqa: BLE001
+            _mark_error(batch, i, "write", _error_reason(err, spec.output, spec.storage_options))
+            mask_uris[i] = overlay_uris[i] = ""
+    out = {k: v for k, v in batch.items() if k not in (IMAGE, LABEL, URI, PROBS, GT)}
+    now = datetime.now(timezone.utc).timestamp()
+    out.update({OUTPUT_URI: np.array(mask_uris, dtype=object), OVERLAY_URI: np.array(overlay_uris, dtype=object),
+                CLASSES: np.array(classes, dtype=object), FINISHED_AT: np.full(n, now)})
+    return out

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,6 @@ from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     finished_ids,
     read_results,
-    read_state,
 )
 from pipelines.segmentation.job import run_segmentation
 
@@ -128,8 +126,12 @@ def test_first_run_writes_masks_overlays_results_and_errors(first_run, s3_option
     assert [k for k in keys if k.startswith("overlays/")] == [f"overlays/{i}.jpg" for i in ids]
     assert any(k.startswith("results/") for k in keys) and any(k.startswith("errors/") for k in keys)
     assert "_state.json" in keys
+    # One results file and one ledger file for the run, not one per batch.
+    assert [k for k in keys if k.startswith(("results/", "ledger/"))] == [
+        f"ledger/{report.run_id}.parquet", f"results/{report.run_id}.parquet"]
     # Nothing escaped: every key is one of the layout's, under the output prefix.
-    assert all(k.split("/")[0] in ("masks", "overlays", "results", "errors", "_state.json") for k in keys)
+    assert all(k.split("/")[0] in ("masks", "overlays", "results", "errors", "ledger", "_lease", "_state.json")
+               for k in keys)
     bucket_keys = list_keys(cfg.output.rsplit("/", 1)[0], s3_options)
     assert not any("escape" in k or "passwd" in k or "evil" in k for k in bucket_keys)
 
@@ -194,16 +196,17 @@ def test_rerun_skips_every_finished_image(first_run, s3_options):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         report = run_segmentation(cfg)
-    assert report.skipped == NUM_IMAGES and report.ok == 0
-    # Bad input is never "finished": it is tried again and recorded again.
-    assert report.errors == 1 + len(UNSAFE_IDS)
+    # Undecodable files and unusable ids are permanent errors: settled, not tried again.
+    assert (report.ok, report.errors, report.skipped) == (0, 0, NUM_IMAGES + 1 + len(UNSAFE_IDS))
     assert report.read == report.ok + report.errors + report.skipped
     results = read_results(cfg.output, s3_options)
     assert results.num_rows == len(set(results.column("id").to_pylist()))
-    # A deleted mask makes its image unfinished again, whatever its results row says.
+    # finished_ids (an audit: results rows and masks) tells a deleted mask; runs go by the ledger.
     fs, path = get_fs(f"{cfg.output}/masks/synth_000003.png", s3_options)
     fs.rm(path)
     assert "synth_000003" not in finished_ids(cfg.output, s3_options)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert run_segmentation(cfg.model_copy(update={"retry_errors": True})).errors == 1 + len(UNSAFE_IDS)
 
 
 def test_evaluate_model_agrees_with_the_job_table(first_run, checkpoint, manifest, s3_options):
@@ -226,7 +229,7 @@ def test_evaluate_model_agrees_with_the_job_table(first_run, checkpoint, manifes
     assert in_actor["mIoU"] == pytest.approx(metrics["mIoU"], abs=0.005)
 
 
-# --------------------------------------------------------------------------- resume and watermark
+# --------------------------------------------------------------------------- resume (the schedule: test_schedule.py)
 
 
 def test_killed_run_resumes_without_holes_or_duplicates(ray_cluster, s3_server, s3_options, bucket, checkpoint):
@@ -235,13 +238,14 @@ def test_killed_run_resumes_without_holes_or_duplicates(ray_cluster, s3_server, 
     output = f"{bucket}/kill-out"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "AWS_ENDPOINT_URL": s3_server.endpoint_url}
     cmd = [sys.executable, "pipelines/segment.py", "--model", checkpoint, "--input", data["val_manifest"],
-           "--output", output, "--batch-size", "1", "--crf-workers", "1", "--crf-iterations", "10"]
+           "--output", output, "--batch-size", "1", "--crf-workers", "1", "--crf-iterations", "10",
+           "checkpoint_every_s=0.01", "lease_ttl_s=3"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if list_keys(f"{output}/results", s3_options):  # at least one batch finished
+            if list_keys(f"{output}/ledger/pending", s3_options):  # at least one batch recorded
                 break
             time.sleep(0.2)
     finally:
@@ -255,7 +259,7 @@ def test_killed_run_resumes_without_holes_or_duplicates(ray_cluster, s3_server, 
     with contextlib.redirect_stdout(stdout):
         report = run_segmentation(SegmentConfig(
             model=checkpoint, input=data["val_manifest"], output=output, crf_params=CRFParams(iterations=10),
-            batch_size=4, storage_options=s3_options))
+            batch_size=4, storage_options=s3_options, lease_wait_s=60))  # the killed run's lease expires
     assert report.errors == 0 and report.skipped > 0 and report.ok + report.skipped == count
 
     ids = [f"synth_{i:06d}" for i in range(count)]
@@ -264,37 +268,3 @@ def test_killed_run_resumes_without_holes_or_duplicates(ray_cluster, s3_server, 
     assert sorted(r["id"] for r in view) == ids  # one row per input: no holes, no duplicates
     assert all(r["status"] == "ok" for r in view)
     assert finished_ids(output, s3_options) == set(ids)
-
-
-def test_since_last_only_picks_up_new_files(ray_cluster, checkpoint, tmp_path):
-    from deeplab_core.synthetic import render_scene
-    from pipelines.data.synthetic import encode_scene
-
-    incoming, output = tmp_path / "incoming", tmp_path / "out"
-    incoming.mkdir()
-
-    def drop(name: str, when: datetime) -> None:
-        jpeg, _ = encode_scene(*render_scene(SPEC, seed=len(name)), jpeg_quality=85)
-        (incoming / name).write_bytes(jpeg)
-        os.utime(incoming / name, (when.timestamp(), when.timestamp()))
-
-    start = datetime(2025, 3, 1, tzinfo=timezone.utc)
-    for i in range(3):
-        drop(f"old_{i}.jpg", start + timedelta(minutes=i))
-    cfg = SegmentConfig(model=checkpoint, input=str(incoming), output=str(output), scales=(1.0,), flip=False,
-                        crf=False, since="last")
-    with contextlib.redirect_stdout(io.StringIO()):
-        first = run_segmentation(cfg)
-    assert (first.read, first.ok) == (3, 3)
-    assert read_state(str(output))["watermark"] == (start + timedelta(minutes=2)).isoformat()
-
-    for i in range(2):
-        drop(f"new_{i}.jpg", start + timedelta(hours=1, minutes=i))
-    with contextlib.redirect_stdout(io.StringIO()):
-        second = run_segmentation(cfg)
-    # The file at the watermark itself is listed again (inclusive) and skipped as finished.
-    assert (second.read, second.ok, second.skipped, second.errors) == (3, 2, 1, 0)
-    assert read_state(str(output))["watermark"] == (start + timedelta(hours=1, minutes=1)).isoformat()
-    assert sorted(p.name for p in (output / "masks").iterdir()) == [
-        "new_0.png", "new_1.png", "old_0.png", "old_1.png", "old_2.png"]
-    assert not [p for p in output.rglob(".*tmp-*")]  # no temp files left behind

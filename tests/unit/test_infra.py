@@ -157,6 +157,19 @@ def test_rayjob_trains_with_a_config_that_loads(raycluster):
     assert spec["submitterPodTemplate"]["spec"]["containers"][0]["image"].split(":")[0] == PROJECT_IMAGE
 
 
+def submit_command(command: list[str]) -> list[str]:
+    """The `ray job submit` words of the CronJob's script, its variables substituted; the script
+    must stop that Ray job (same submission id) when the submitter pod is stopped."""
+    assert command[:2] == ["/bin/bash", "-c"]
+    script = command[2].replace("\\\n", " ")
+    variables = dict(line.split("=", 1) for line in script.splitlines() if re.match(r"^\w+=", line))
+    (submit,) = [line for line in script.splitlines() if line.strip().startswith("ray job submit")]
+    assert re.search(r"trap 'ray job stop --address \"\$address\" \"\$id\".*' TERM", script)
+    words = shlex.split(submit.rstrip("& "))
+    assert words[words.index("--submission-id") + 1] == "$id"
+    return [variables.get(w[1:], w).strip('"') if w.startswith("$") else w for w in words]
+
+
 def test_cronjob_submits_segmentation_of_the_champion():
     from ray.dashboard.modules.job.cli import submit
 
@@ -170,7 +183,7 @@ def test_cronjob_submits_segmentation_of_the_champion():
     assert pod["restartPolicy"] in ("Never", "OnFailure")
     (container,) = pod["containers"]
     assert container["image"].split(":")[0] == PROJECT_IMAGE
-    command = container["command"] + container.get("args", [])
+    command = submit_command(container["command"] + container.get("args", []))
     assert command[:3] == ["ray", "job", "submit"]
     # `ray job submit` accepts these flags (parsed by its own click command, nothing is sent).
     ctx = submit.make_context("submit", command[3:])
