@@ -65,13 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"dense CRF {what} (overrides a registered version's tuned value)")
     p.add_argument("--overlays", action="store_const", const=True, default=None, help=_help("overlays"))
     p.add_argument("--eval", dest="evaluate", action="store_const", const=True, default=None, help=_help("evaluate"))
+    p.add_argument("--shared-fs", dest="shared_fs", action="store_const", const=True, default=None,
+                   help=_help("shared_fs"))
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any input ended as an error")
     add_common_flags(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> SegmentConfig:
-    values = {name: getattr(args, name) for name in (*FLAGS, "scales", "flip", "crf", "overlays", "evaluate")
+    values = {name: getattr(args, name) for name in (*FLAGS, "scales", "flip", "crf", "overlays", "evaluate",
+                                                     "shared_fs")
               if getattr(args, name) is not None}
     crf = {name: getattr(args, "crf_" + name) for name in ("iterations", *CRF_FLAGS)}
     crf = {name: value for name, value in crf.items() if value is not None}

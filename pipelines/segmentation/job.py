@@ -24,6 +24,7 @@ from typing import Any
 
 from deeplab_core.constants import CRFParams
 from pipelines import tracking
+from pipelines.common.cluster_paths import check_shared_paths
 from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.common.errors import InputError
 from pipelines.data.storage import absolute_uri, check_access, join_uri, redact_urls
@@ -218,6 +219,9 @@ def _run(cfg: SegmentConfig, verbose: bool) -> SegmentReport:
     listing = list_inputs(cfg.input, options, since=since, exclude_prefix=cfg.output)
     done = finished_ids(cfg.output, options)
     todo = [item for item in listing.items if item.id not in done]
+    # The decode and write tasks may run on any node: refuse paths only this node sees.
+    check_shared_paths({"--input": cfg.input, "--output": cfg.output}, shared_fs=cfg.shared_fs,
+                       uris=((f"input {item.id}", item.uri) for item in todo))
     skipped = len(listing.items) - len(todo)
     print(f"[segment] run {run_id}: {listing.read} input(s) from {redact_urls(cfg.input)}"
           + (f" modified since {since.isoformat()}" if since else "")

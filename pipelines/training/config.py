@@ -109,12 +109,15 @@ class RunSection(Section):
     # auto: resume a run of the same model/data config, refuse another; force: resume regardless
     resume: Literal["auto", "force"] = "auto"
     log_every: int = Field(10, ge=1)
-    val_every: int = Field(400, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
+    val_every: int = Field(400, ge=1)  # each validation also checkpoints
+    checkpoint_every: int = Field(100, ge=1)  # the most iterations a lost worker costs
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=-1)
     seed: int = 0
     num_overlays: int = 4
+    # Local paths (storage, data, sqlite tracking) are on a filesystem every node mounts (NFS):
+    # skip the multi-node check that refuses them (pipelines/common/cluster_paths.py).
+    shared_fs: bool = False
 
 
 class TrackingSection(Section):
