@@ -89,17 +89,19 @@ def check_shared_paths(paths: Mapping[str, str | None], tracking: Mapping[str, s
     """Raises one InputError when the job's Ray workers may run on other nodes and a path they
     use is on this node only. `paths`: {setting name: URI}; `tracking`: {setting: MLflow tracking
     URI} used by the workers; `uris`: (where, URI) pairs found inside inputs (manifest rows), of
-    which the first node-local one is named. Connects to the cluster to count its nodes."""
+    which the first node-local one is named when `paths` themselves are shared. Connects to the
+    cluster to count its nodes."""
     if shared_fs:
         return
     multi, cluster = needs_shared_paths()
     if not multi:
         return
     named = {name: uri for name, uri in paths.items() if uri}
-    for where, uri in uris:
-        if uri and is_node_local(uri):
-            named[where] = uri
-            break
+    if not any(is_node_local(uri) for uri in named.values()):  # else the rows are under a named path
+        for where, uri in uris:
+            if uri and is_node_local(uri):
+                named[where] = uri
+                break
     message = refusal(named, {name: uri for name, uri in (tracking or {}).items() if uri}, cluster)
     if message:
         raise InputError(message)

@@ -98,6 +98,9 @@ class ScalingSection(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: int = Field(1, ge=1)
+    # Ray's placement of the workers: PACK fills a node first; SPREAD puts them on different nodes
+    # (a lost node then costs fewer workers, and a test shows the cross-node path).
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     sync_bn: bool = True
     bf16: bool = True  # autocast on GPU only
     channels_last: bool = True  # GPU only

@@ -186,7 +186,8 @@ def build_trainer(cfg: TrainConfig, train_manifest: str, val_manifest: str, trac
         train_loop_config={"train": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
                            "verbose": verbose, "progress_bar": sys.stderr.isatty()},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu(cfg.scaling.use_gpu, cfg.scaling.num_workers),
-                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                               placement_strategy=cfg.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
