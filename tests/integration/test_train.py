@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -241,3 +242,25 @@ def test_too_few_rows_for_one_batch_per_worker_stops_at_once(ray_cluster, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has 3 usable row(s), fewer than the 8 needed" in err[0], err
 
+
+
+def test_a_worker_failure_is_one_line_naming_the_innermost_cause(ray_cluster, tmp_path, capsys):
+    """An exception inside the Train workers ends the job with one line: the worker's rank and the
+    innermost exception of its chain (Ray's transport drops the chain: without remember_failure
+    the line would name the wrapping ValueError), never a cut traceback."""
+    import torch
+
+    from pipelines import train
+
+    pickled = tmp_path / "pickled-objects.pt"  # not tensors: weights-only loading refuses it
+    torch.save({"model": object()}, pickled)
+    code = train.main(TINY + [f"data.root={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}",
+                              "tracking.tracking_uri=null", "data.synthetic.num_train=8", "data.synthetic.num_val=2",
+                              "optim.max_iters=2", "run.max_failures=0", f"model.pretrained={pickled}"])
+    assert code == 1
+    # (stderr also carries the shared cluster's forwarded worker logs: the job's own line is the one.)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py: error:")]
+    assert len(err) == 1, err
+    assert re.fullmatch(r"train\.py: error: train worker rank \d: UnpicklingError: Weights only load failed\. .* "
+                        r"\(--debug shows the traceback\)", err[0]), err[0]
+    assert "Traceback" not in err[0] and 'File "' not in err[0] and "WorkerGroupError" not in err[0]
