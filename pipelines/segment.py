@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_help("retry_errors"))
     p.add_argument("--changed", choices=("reprocess", "skip"), default=None,
                    help="a settled input listed with another size/etag: process it again (default) or skip it")
+    p.add_argument("--shared-fs", dest="shared_fs", action="store_const", const=True, default=None,
+                   help=_help("shared_fs"))
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any input ended as an error")
     add_common_flags(p)
     return p
@@ -84,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> SegmentConfig:
     values = {name: getattr(args, name)
-              for name in (*FLAGS, "scales", "flip", "crf", "overlays", "evaluate", "retry_errors")
+              for name in (*FLAGS, "scales", "flip", "crf", "overlays", "evaluate", "retry_errors",
+                           "shared_fs")
               if getattr(args, name) is not None}
     if args.changed is not None:
         values["reprocess_changed"] = args.changed == "reprocess"

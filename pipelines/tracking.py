@@ -185,13 +185,30 @@ class RunLogger:
 
             self._client = mlflow.MlflowClient(tracking_uri)
             self._run_id = run_id
+        self._logged_through: dict[str, int] | None = None  # after resume(): key -> last step in the run
+
+    def resume(self) -> None:
+        """After a restart from a checkpoint: steps a metric's history already has are not logged
+        again (the iterations redone since the checkpoint logged them the first time), so every
+        history keeps one value per step."""
+        self._logged_through = {}
+
+    def _new_step(self, key: str, step: int) -> bool:
+        if self._logged_through is None:
+            return True
+        if key not in self._logged_through:
+            history = self._client.get_metric_history(self._run_id, key)
+            self._logged_through[key] = max((m.step for m in history), default=-1)
+        return step > self._logged_through[key]
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         if self.enabled:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            batch = [Metric(k, float(v), now, step) for k, v in values.items()]
+            batch = [Metric(k, float(v), now, step) for k, v in values.items() if self._new_step(k, step)]
+            if not batch:
+                return
             self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
 
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:

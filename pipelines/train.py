@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config (see configs/); defaults are the embedded demo")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.max_iters=100")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--shared-fs", action="store_true",
+                        help="local paths are on a filesystem every node mounts (NFS): same as run.shared_fs=true")
     add_common_flags(parser)
     return parser
 
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def train() -> int:
-        cfg = load_train_config(args.config, args.overrides)
+        cfg = load_train_config(args.config, [*args.overrides, *(["run.shared_fs=true"] if args.shared_fs else [])])
         from pipelines.training.job import print_config, run_training
 
         if args.print_config:

@@ -66,6 +66,31 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 20) -> None:
         proc.wait(timeout=10)
 
 
+def _node_ports() -> tuple[list[str], callable]:
+    """`ray start` flags giving a node its own free ports (worker ports first, then every other
+    port outside that range: Ray refuses overlaps), and the picker for further ports."""
+    min_worker = free_port()
+    workers = range(min_worker, min_worker + 201)
+
+    def port() -> int:
+        return free_port(avoid=workers)
+
+    flags = [
+        f"--dashboard-agent-listen-port={port()}", f"--dashboard-agent-grpc-port={port()}",
+        f"--runtime-env-agent-port={port()}", f"--metrics-export-port={port()}",
+        f"--object-manager-port={port()}", f"--node-manager-port={port()}",
+        f"--min-worker-port={workers.start}", f"--max-worker-port={workers.stop - 1}",
+    ]
+    return flags, port
+
+
+def _start_node(cmd: list[str], extra_env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    # Job entrypoints (`python pipelines/train.py`) must find this environment's python.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra_env}
+    log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process' lifetime
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 @dataclass
 class RayHead:
     """`ray start --head --block` in its own process group, with its own ports and temp dir."""
@@ -87,13 +112,7 @@ class RayHead:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def start(self, log_path: Path) -> "RayHead":
-        # Worker ports first, then every other port outside that range (Ray refuses overlaps).
-        min_worker = free_port()
-        workers = range(min_worker, min_worker + 201)
-
-        def port() -> int:
-            return free_port(avoid=workers)
-
+        flags, port = _node_ports()
         self.gcs_port, self.dashboard_port = port(), port()
         # Short path: Ray's unix sockets live under the temp dir and have a 107-byte limit.
         self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
@@ -102,19 +121,10 @@ class RayHead:
             "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
             f"--num-cpus={self.num_cpus}", f"--object-store-memory={self.object_store_bytes}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}",
-            f"--dashboard-agent-listen-port={port()}", f"--dashboard-agent-grpc-port={port()}",
-            f"--runtime-env-agent-port={port()}", f"--metrics-export-port={port()}",
-            f"--ray-client-server-port={port()}", f"--object-manager-port={port()}",
-            f"--node-manager-port={port()}",
-            f"--min-worker-port={workers.start}", f"--max-worker-port={workers.stop - 1}",
-            f"--temp-dir={self.temp_dir}",
+            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={port()}",
+            *flags, f"--temp-dir={self.temp_dir}",
         ]
-        # Job entrypoints (`python pipelines/train.py`) must find this environment's python.
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **self.env}
-        log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process' lifetime
-        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = _start_node(cmd, self.env, log_path)
         # A head with token auth (env RAY_AUTH_TOKEN) answers only requests that carry the token.
         token = self.env.get("RAY_AUTH_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -124,6 +134,61 @@ class RayHead:
     def stop(self) -> None:
         if self.proc is not None:
             # `ray start --block` cleans up slowly on SIGTERM; its children share the group.
+            stop_process_group(self.proc, timeout=5)
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@dataclass
+class RayWorkerNode:
+    """`ray start --address=<head> --block`: one more node of `head`'s cluster, in its own process
+    group and temp dir (so it shares no disk state with the others), carrying a custom resource
+    named `name` so tests can tell which node is which (`ray.util.state.list_nodes`)."""
+
+    head: RayHead
+    name: str
+    num_cpus: int = 2
+    object_store_bytes: int = 200 * 1024**2
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    temp_dir: str = ""
+
+    def start(self, log_path: Path) -> "RayWorkerNode":
+        flags, _ = _node_ports()
+        self.temp_dir = tempfile.mkdtemp(prefix="rw", dir="/tmp")
+        cmd = [
+            str(BIN / "ray"), "start", f"--address={self.head.address}", "--block", "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}",
+            f"--object-store-memory={self.object_store_bytes}", f'--resources={{"{self.name}": 1}}',
+            *flags, f"--temp-dir={self.temp_dir}",
+        ]
+        self.proc = _start_node(cmd, self.env, log_path)
+        # Generous: on a loaded 2-core machine a node's start has taken 2 minutes.
+        wait_until(lambda: self.node_id() is not None, 300, f"ray node {self.name} (log: {log_path})", self.proc)
+        return self
+
+    def node_id(self) -> str | None:
+        """This node's id while the cluster lists it alive."""
+        from ray.util.state import list_nodes
+
+        # Filtered in Python: the state API's ("state", "=", "ALIVE") filter misses nodes that
+        # joined after another node died (Ray 2.60).
+        for node in list_nodes(address=self.head.dashboard_url):
+            if node.state == "ALIVE" and self.name in (node.resources_total or {}):
+                return node.node_id
+        return None
+
+    def kill(self) -> None:
+        """A node loss: SIGKILL to the raylet and everything it started (no clean shutdown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None:
             stop_process_group(self.proc, timeout=5)
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -155,7 +220,7 @@ class MotoS3:
 
 @dataclass
 class MlflowServer:
-    """`mlflow server` with a sqlite backend and artifacts on local disk."""
+    """`mlflow server` with a sqlite backend and artifacts on local disk (served through it)."""
 
     root: Path
     proc: subprocess.Popen | None = None

@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from pipelines.common.console import quiet_mlflow
-from pipelines.common.errors import EXIT_USAGE, InputError
+from pipelines.common.errors import EXIT_USAGE, InputError, describe_failure
 from pipelines.data.storage import redact_urls
 
 EXIT_FAILED = 1
@@ -40,6 +40,9 @@ def _scrubbed(text: str, secrets: Sequence[str]) -> str:
     return text
 
 
+_MESSAGE_CHARS = 500
+
+
 def run_main(prog: str, body: Callable[[], int], debug: bool = False, argv: Sequence[str] | None = None,
              verbose: bool = False) -> int:
     """`body()`'s exit code, or the exit code of its failure after printing it as one line (the
@@ -51,9 +54,10 @@ def run_main(prog: str, body: Callable[[], int], debug: bool = False, argv: Sequ
     except Exception as err:  # noqa: BLE001 - the top of the job: report, don't dump
         if debug:
             print(_scrubbed(traceback.format_exc(), secrets), file=sys.stderr, end="")
+        elif isinstance(err, InputError):
+            message = _scrubbed(" ".join(str(err).split()), secrets)[:_MESSAGE_CHARS]
+            print(f"{prog}: error: {message}", file=sys.stderr)
         else:
-            what = "" if isinstance(err, InputError) else f"{type(err).__name__}: "
-            hint = "" if isinstance(err, InputError) else " (--debug shows the traceback)"
-            message = _scrubbed(" ".join(str(err).split()), secrets)[:500]
-            print(f"{prog}: error: {what}{message}{hint}", file=sys.stderr)
+            message = _scrubbed(describe_failure(err), secrets)[:_MESSAGE_CHARS]
+            print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, InputError) else EXIT_FAILED

@@ -76,6 +76,8 @@ class SegmentConfig(Section):
     max_input_pixels: int = Field(DEFAULT_MAX_INPUT_PIXELS, gt=0, description="largest image accepted "
                                   "(pixels); bigger ones become error records, not a worker's death")
     storage_options: dict[str, Any] | None = None  # merged over the AWS_* env options
+    shared_fs: bool = Field(False, description="local input/output paths are on a filesystem every node "
+                                               "mounts (NFS): skip the multi-node check that refuses them")
     progress_every_s: float = Field(10.0, gt=0)
 
     @field_validator("scales")

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from deeplab_core.constants import CRFParams
 from pipelines import tracking
+from pipelines.common.cluster_paths import check_shared_paths
 from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.common.errors import InputError
 from pipelines.data.errors import ErrorRecord
@@ -313,6 +314,9 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     work = [t.item for t in todo if t.error is None]
     skipped = listing.read - len(todo)
     retried = sum(1 for t in todo if t.attempts)
+    # The decode and write tasks may run on any node: refuse paths only this node sees.
+    check_shared_paths({"--input": cfg.input, "--output": cfg.output}, shared_fs=cfg.shared_fs,
+                       uris=((f"input {item.id}", item.uri) for item in work))
     print(f"[segment] run {run_id}: {listing.read} input(s) from {redact_urls(cfg.input)}"
           + (f" modified since {since.isoformat()}" if since else "")
           + f"; {skipped} already settled, {len(known_errors)} unusable id(s), {len(work)} to segment"

@@ -98,6 +98,9 @@ class ScalingSection(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: int = Field(1, ge=1)
+    # Ray's placement of the workers: PACK fills a node first; SPREAD puts them on different nodes
+    # (a lost node then costs fewer workers, and a test shows the cross-node path).
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     sync_bn: bool = True
     bf16: bool = True  # autocast on GPU only
     channels_last: bool = True  # GPU only
@@ -109,12 +112,15 @@ class RunSection(Section):
     # auto: resume a run of the same model/data config, refuse another; force: resume regardless
     resume: Literal["auto", "force"] = "auto"
     log_every: int = Field(10, ge=1)
-    val_every: int = Field(400, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
+    val_every: int = Field(400, ge=1)  # each validation also checkpoints
+    checkpoint_every: int = Field(100, ge=1)  # the most iterations a lost worker costs
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=-1)
     seed: int = 0
     num_overlays: int = 4
+    # Local paths (storage, data, sqlite tracking) are on a filesystem every node mounts (NFS):
+    # skip the multi-node check that refuses them (pipelines/common/cluster_paths.py).
+    shared_fs: bool = False
 
 
 class TrackingSection(Section):

@@ -14,9 +14,12 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray
 import ray.train
@@ -27,10 +30,19 @@ from ray.train.torch import TorchTrainer
 from deeplab_core.transforms import TrainTransform
 from pipelines import tracking
 from pipelines.common.checkpoints import MODEL_FILE
+from pipelines.common.cluster_paths import check_shared_paths, manifest_uris
 from pipelines.common.errors import InputError
 from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.data import streams
-from pipelines.data.storage import absolute_uri, is_local, join_uri, pyarrow_filesystem, redact, resolve_storage_options
+from pipelines.data.storage import (
+    absolute_uri,
+    is_local,
+    join_uri,
+    protocol_of,
+    pyarrow_filesystem,
+    redact,
+    resolve_storage_options,
+)
 from pipelines.training.config import TrainConfig
 from pipelines.training.loop import train_loop_per_worker
 from pipelines.training.resume import check_resume
@@ -42,14 +54,16 @@ STORAGE_TAG = "deeplab.storage_path"
 @dataclass
 class TrainOutcome:
     run_id: str | None
-    metrics: dict
-    checkpoint_path: str | None
+    metrics: dict  # the last report's (iteration, start_iteration, val_* of the final validation)
+    checkpoint_path: str | None  # the registered (best validated) checkpoint's full URI
     model_version: str | None
     val_manifest: str
+    checkpoint_metrics: dict = field(default_factory=dict)  # that checkpoint's report
 
     def summary_line(self) -> str:
-        return (f"[train] val mIoU {self.metrics.get('val_mIoU', float('nan')):.4f}; "
-                f"checkpoint {self.checkpoint_path}; model version {self.model_version}")
+        scored = self.checkpoint_metrics or self.metrics
+        return (f"[train] val mIoU {scored.get('val_mIoU', float('nan')):.4f} at iteration "
+                f"{scored.get('iteration')}; checkpoint {self.checkpoint_path}; model version {self.model_version}")
 
 
 def print_config(cfg: TrainConfig) -> None:
@@ -67,6 +81,26 @@ def absolute_tracking_uri(uri: str) -> str:
 
 def _absolute_storage(path: str) -> str:
     return str(Path(path).resolve()) if is_local(path) else path
+
+
+def ray_storage(storage_path: str, options: Mapping[str, Any] | None) -> tuple[str, Any]:
+    """`RunConfig`'s (storage_path, storage_filesystem): a local path made absolute and no
+    filesystem; for a URI, the path inside it and the pyarrow filesystem built from the storage
+    options (so endpoint and credentials reach every node, not only the driver's environment)."""
+    if is_local(storage_path):
+        return _absolute_storage(storage_path), None
+    filesystem, path = pyarrow_filesystem(storage_path, options)
+    return path, filesystem
+
+
+def checkpoint_uri(cfg: TrainConfig, checkpoint: ray.train.Checkpoint | None) -> str | None:
+    """The full URI of a checkpoint: Ray's `Checkpoint.path` is inside its filesystem, so an
+    `s3://` storage path comes back as `bucket/key`."""
+    if checkpoint is None:
+        return None
+    if is_local(cfg.run.storage_path):
+        return checkpoint.path
+    return f"{protocol_of(cfg.run.storage_path)}://{checkpoint.path.lstrip('/')}"
 
 
 def prepare_manifests(cfg: TrainConfig) -> tuple[str, str]:
@@ -146,16 +180,14 @@ def build_trainer(cfg: TrainConfig, train_manifest: str, val_manifest: str, trac
         "train": streams.train_dataset(train_manifest, transform, cfg.model.num_classes, storage_options=options),
         "val": streams.eval_dataset(val_manifest, cfg.model.num_classes, storage_options=options),
     }
-    storage_path = _absolute_storage(cfg.run.storage_path)
-    storage_fs = None if is_local(storage_path) else pyarrow_filesystem(storage_path, options)
-    if storage_fs is not None:
-        storage_path = storage_path.split("://", 1)[1]
+    storage_path, storage_fs = ray_storage(cfg.run.storage_path, cfg.data.storage_options)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
                            "verbose": verbose, "progress_bar": sys.stderr.isatty()},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu(cfg.scaling.use_gpu, cfg.scaling.num_workers),
-                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                               placement_strategy=cfg.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
@@ -191,9 +223,21 @@ def _register(cfg: TrainConfig, run_id: str, tracking_uri: str, checkpoint: ray.
     return version
 
 
+def check_cluster_paths(cfg: TrainConfig) -> None:
+    """On a multi-node cluster, refuses (one InputError) what the workers would read or write on
+    the driver's disk only: storage path, data root, manifest rows, pretrained weights, sqlite."""
+    pretrained = cfg.model.pretrained if cfg.model.pretrained != "imagenet" else None
+    manifests = [m for m in (cfg.data.train_manifest, cfg.data.val_manifest) if m]
+    check_shared_paths(
+        {"run.storage_path": cfg.run.storage_path, "data.root": cfg.data.root, "model.pretrained": pretrained},
+        {"tracking.tracking_uri": cfg.tracking.tracking_uri}, shared_fs=cfg.run.shared_fs,
+        uris=manifest_uris(manifests, cfg.data.storage_options))
+
+
 def run_training(cfg: TrainConfig, verbose: bool = False) -> TrainOutcome:
     if cfg.tracking.tracking_uri:
         tracking.check_reachable(absolute_tracking_uri(cfg.tracking.tracking_uri))
+    check_cluster_paths(cfg)
     options = resolve_storage_options(cfg.run.storage_path, cfg.data.storage_options)
     if check_resume(cfg, join_uri(_absolute_storage(cfg.run.storage_path), cfg.run.name), options):
         print(f"[train] resuming run {cfg.run.name!r} (same model and data config)", flush=True)
@@ -213,11 +257,22 @@ def run_training(cfg: TrainConfig, verbose: bool = False) -> TrainOutcome:
         if run_id is not None:  # never leave the MLflow run RUNNING (or FINISHED) after a failure
             tracking.finish_run(tracking_uri, run_id, "FAILED")
         raise
-    scored = [(ckpt, metrics) for ckpt, metrics in (result.best_checkpoints or []) if "val_mIoU" in metrics]
-    best = max(scored, key=lambda cm: cm[1]["val_mIoU"]) if scored else (result.checkpoint, result.metrics)
+    best_checkpoint, best_metrics = best_validated(result)
     version = None
     if run_id is not None:
-        version = _register(cfg, run_id, tracking_uri, best[0], best[1], val_manifest)
+        version = _register(cfg, run_id, tracking_uri, best_checkpoint, best_metrics, val_manifest)
         tracking.finish_run(tracking_uri, run_id)
     print(f"[train] done: {result.metrics}", flush=True)
-    return TrainOutcome(run_id, dict(result.metrics), best[0].path if best[0] else None, version, val_manifest)
+    return TrainOutcome(run_id, dict(result.metrics), checkpoint_uri(cfg, best_checkpoint), version, val_manifest,
+                        dict(best_metrics))
+
+
+def best_validated(result: ray.train.Result) -> tuple[ray.train.Checkpoint, dict]:
+    """The kept checkpoint with the highest val mIoU, and its metrics. Checkpoints taken between
+    validations (`run.checkpoint_every`) report val_mIoU NaN and are never chosen; the run always
+    ends with a validated one."""
+    scored = [(ckpt, metrics) for ckpt, metrics in (result.best_checkpoints or [])
+              if math.isfinite(metrics.get("val_mIoU", math.nan))]
+    if not scored:
+        return result.checkpoint, dict(result.metrics)
+    return max(scored, key=lambda cm: cm[1]["val_mIoU"])

@@ -10,6 +10,7 @@ MLflow records. A restarted run (same storage path + name, or after a worker die
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import tempfile
@@ -33,6 +34,7 @@ from pipelines.common.checkpoints import (
     model_payload,
     unwrap,
 )
+from pipelines.common.errors import remember_failure
 from pipelines.tracking import RunLogger
 from pipelines.training.config import TrainConfig
 
@@ -202,6 +204,15 @@ class _ProgressBar:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    try:
+        _train(loop_config)
+    except Exception as err:
+        # Ray hands the driver this exception without its chain: keep the innermost cause's line.
+        remember_failure(err)
+        raise
+
+
+def _train(loop_config: dict) -> None:
     cfg = TrainConfig.model_validate(loop_config["train"])
     log.setLevel(logging.INFO)
     _quiet_worker_logs(loop_config.get("verbose", False))
@@ -225,6 +236,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         start_it = restore_newest_intact(checkpoint, model, optimizer, scheduler, cfg.optim.max_iters)
         _seed_everything(cfg.run.seed + rank + 1_000_003 * start_it)  # fresh but reproducible
+        tracker.resume()  # iterations redone since that checkpoint were logged the first time
         if rank == 0:
             log.info("[train] resumed from iteration %d", start_it)
     if on_gpu and cfg.scaling.channels_last:
@@ -243,8 +255,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window = {"loss": 0.0, "steps": 0, "data_s": 0.0, "step_s": 0.0}
     model.train()
     if start_it >= max_it:  # finished before: report the final state again so the run has a result
-        _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg, device, tracker,
-                                 it, start_it, rank)
+        _checkpoint(model, optimizer, scheduler, val_shard, cfg, device, tracker, it, start_it, rank, validate=True)
     while it < max_it:
         batches = train_shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, device=device,
                                                  dtypes={"image": torch.float32, "mask": torch.int64})
@@ -291,9 +302,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     log.info(f"[train] {progress} loss {values['loss']:.4f} lr {lr:.2e} "
                              f"{images_per_s:.1f} img/s data-wait {values['data_wait_s'] * 1e3:.0f} ms/it")
                 window = {"loss": 0.0, "steps": 0, "data_s": 0.0, "step_s": 0.0}
-            if it % cfg.run.val_every == 0 or it == max_it:
-                _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg, device, tracker,
-                                         it, start_it, rank)
+            validate = it % cfg.run.val_every == 0 or it == max_it
+            if validate or it % cfg.run.checkpoint_every == 0:
+                _checkpoint(model, optimizer, scheduler, val_shard, cfg, device, tracker, it, start_it, rank,
+                            validate=validate)
             if it >= max_it:
                 break
             t_data = time.perf_counter()
@@ -318,8 +330,8 @@ def metric_name(class_name: str) -> str:
     return re.sub(r"[^\w\-./ ]", "_", class_name).strip() or "unnamed"
 
 
-def _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg: TrainConfig, device, tracker: RunLogger,
-                             it: int, start_it: int, rank: int) -> None:
+def _validate(model, val_shard, cfg: TrainConfig, device, tracker: RunLogger, it: int, rank: int) -> dict:
+    """Validation metrics on the whole validation set (all workers), logged by rank 0."""
     _sync_buffers(model)
     cm, examples = evaluate_shard(model, val_shard, cfg, device,
                                   keep_examples=cfg.run.num_overlays if rank == 0 else 0)
@@ -331,13 +343,22 @@ def _validate_and_checkpoint(model, optimizer, scheduler, val_shard, cfg: TrainC
     _log_validation_artifacts(tracker, cm, examples, it, cfg.class_names)
     if rank == 0:
         log.info(f"[val] it {it} mIoU {val['val_mIoU']:.4f} pixel-acc {val['val_pixel_acc']:.4f}")
+    return val
+
+
+def _checkpoint(model, optimizer, scheduler, val_shard, cfg: TrainConfig, device, tracker: RunLogger,
+                it: int, start_it: int, rank: int, validate: bool) -> None:
+    """Reports a checkpoint (every worker calls this; rank 0 writes it), validated or not.
+    Between validations (`run.checkpoint_every`) val_mIoU is NaN: Ray ranks such checkpoints
+    below every validated one, so `keep_checkpoints` keeps the best validated ones plus the latest
+    (which a restart resumes from)."""
+    val = _validate(model, val_shard, cfg, device, tracker, it, rank) if validate else {"val_mIoU": math.nan}
     metrics = {**val, "iteration": it, "start_iteration": start_it}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
             meta = {"iteration": it, "val": val, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-                    "class_names": cfg.class_names,
-                    "num_classes": cfg.model.num_classes}
+                    "class_names": cfg.class_names, "num_classes": cfg.model.num_classes}
             save_training_checkpoint(Path(tmp), model, optimizer, scheduler, it, meta)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,9 +76,11 @@ def test_training_on_s3_improves_miou_tracks_and_registers(ray_cluster, s3_bucke
                                                            untrained_miou):
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     options = json.dumps(s3_options)
-    cfg = tiny_config(f"{s3_bucket}/synthetic", str(tmp_path / "ray_results"), tracking, "tiny-s3", [
+    # Data and checkpoints on S3 (what a cluster needs); a checkpoint between validations at 50/100.
+    cfg = tiny_config(f"{s3_bucket}/synthetic", f"{s3_bucket}/ray_results", tracking, "tiny-s3", [
         "data.synthetic.num_train=48", "data.synthetic.num_val=16", "optim.max_iters=120",
-        "run.val_every=60", f"data.storage_options={options}", "tracking.pytorch_flavor=true",
+        "run.val_every=60", "run.checkpoint_every=50", f"data.storage_options={options}",
+        "tracking.pytorch_flavor=true",
     ])
     outcome = run_training(cfg)
 
@@ -101,8 +104,19 @@ def test_training_on_s3_improves_miou_tracks_and_registers(ray_cluster, s3_bucke
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "validation")}
     assert any(p.endswith(".png") for p in artifacts) and any(p.endswith(".jpg") for p in artifacts)
 
+    # The checkpoint registered and named on the summary line is the best validated one, with
+    # its own score and its full s3:// URI, and it is on S3.
+    best = max(client.get_metric_history(outcome.run_id, "val_mIoU"), key=lambda m: m.value)
+    assert outcome.checkpoint_metrics["iteration"] == best.step
+    assert outcome.checkpoint_path.startswith(f"{s3_bucket}/ray_results/tiny-s3/checkpoint_")
+    assert (f"[train] val mIoU {best.value:.4f} at iteration {best.step}; checkpoint {outcome.checkpoint_path};"
+            in outcome.summary_line())
+    import s3fs
+
+    assert s3fs.S3FileSystem(**s3_options).exists(f"{outcome.checkpoint_path}/model.pt")
+
     version = client.get_model_version("deeplab", outcome.model_version)
-    assert float(version.tags["val_mIoU"]) == pytest.approx(trained, abs=1e-5)
+    assert float(version.tags["val_mIoU"]) == pytest.approx(best.value, abs=1e-5)
     assert version.tags["val_manifest"] == outcome.val_manifest
 
     # The registered model loads back (weights_only) and predicts the right shape.
@@ -137,6 +151,9 @@ def test_training_on_s3_improves_miou_tracks_and_registers(ray_cluster, s3_bucke
     assert again.run_id == outcome.run_id
     assert again.model_version == outcome.model_version  # not registered twice
     assert len(client.search_model_versions("name = 'deeplab'")) == 1
+    # The resumed run's final validation is not logged a second time at the same step.
+    steps = [m.step for m in client.get_metric_history(outcome.run_id, "val_mIoU")]
+    assert sorted(steps) == [60, 120], steps
 
 
 def _kill_one_worker_after_checkpoints(storage: Path, name: str, stop: threading.Event, killed: list,
@@ -160,9 +177,12 @@ def _kill_one_worker_after_checkpoints(storage: Path, name: str, stop: threading
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     storage = tmp_path / "ray_results"
     name = f"kill-{uuid.uuid4().hex[:6]}"
-    cfg = tiny_config(str(tmp_path / "data"), str(storage), "null", name, [
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Validation only at the end: every checkpoint before it comes from run.checkpoint_every.
+    cfg = tiny_config(str(tmp_path / "data"), str(storage), tracking, name, [
         "data.synthetic.num_train=24", "data.synthetic.num_val=8", "optim.max_iters=60",
-        "run.val_every=10", "run.max_failures=2",
+        "run.val_every=60", "run.checkpoint_every=10", "run.log_every=5", "run.max_failures=2",
+        "tracking.registered_model=null",
     ])
     stop, killed, errors = threading.Event(), [], []
 
@@ -183,7 +203,11 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     assert killed, "no worker was killed: the test did not exercise the failure path"
     assert outcome.metrics["iteration"] == 60
     # The restarted group resumed from a checkpoint, not from scratch.
-    assert 10 <= outcome.metrics["start_iteration"] < 60
+    start = outcome.metrics["start_iteration"]
+    assert 10 <= start < 60 and start % 10 == 0
+    # The iterations redone after the restart did not log their steps a second time.
+    steps = [m.step for m in mlflow.MlflowClient(tracking).get_metric_history(outcome.run_id, "loss")]
+    assert sorted(steps) == list(range(5, 61, 5)), steps
 
 
 def test_ray_job_submit_runs_the_train_script(ray_cluster, tmp_path):
@@ -218,3 +242,25 @@ def test_too_few_rows_for_one_batch_per_worker_stops_at_once(ray_cluster, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has 3 usable row(s), fewer than the 8 needed" in err[0], err
 
+
+
+def test_a_worker_failure_is_one_line_naming_the_innermost_cause(ray_cluster, tmp_path, capsys):
+    """An exception inside the Train workers ends the job with one line: the worker's rank and the
+    innermost exception of its chain (Ray's transport drops the chain: without remember_failure
+    the line would name the wrapping ValueError), never a cut traceback."""
+    import torch
+
+    from pipelines import train
+
+    pickled = tmp_path / "pickled-objects.pt"  # not tensors: weights-only loading refuses it
+    torch.save({"model": object()}, pickled)
+    code = train.main(TINY + [f"data.root={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}",
+                              "tracking.tracking_uri=null", "data.synthetic.num_train=8", "data.synthetic.num_val=2",
+                              "optim.max_iters=2", "run.max_failures=0", f"model.pretrained={pickled}"])
+    assert code == 1
+    # (stderr also carries the shared cluster's forwarded worker logs: the job's own line is the one.)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py: error:")]
+    assert len(err) == 1, err
+    assert re.fullmatch(r"train\.py: error: train worker rank \d: UnpicklingError: Weights only load failed\. .* "
+                        r"\(--debug shows the traceback\)", err[0]), err[0]
+    assert "Traceback" not in err[0] and 'File "' not in err[0] and "WorkerGroupError" not in err[0]
