@@ -27,6 +27,7 @@ from pipelines.data.storage import get_fs, join_uri
 from pipelines.data.synthetic import encode_scene
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.job import run_segmentation
+from tests.helpers import untrained_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = SyntheticSpec(height=32, width=48)
@@ -35,15 +36,7 @@ OLD = datetime(2020, 1, 1, tzinfo=timezone.utc)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    import torch
-
-    from deeplab_core.models import build_model
-    from pipelines.common.checkpoints import save_checkpoint_dir
-
-    torch.manual_seed(0)
-    model = build_model("deeplabv3plus", backbone="mobilenetv2", num_classes=SPEC.num_classes,
-                        width_mult=0.25, output_stride=16)
-    return str(save_checkpoint_dir(model, tmp_path_factory.mktemp("ckpt"), {"note": "untrained"}))
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt"), SPEC.num_classes)
 
 
 class Place:

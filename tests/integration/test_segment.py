@@ -33,6 +33,7 @@ from pipelines.segmentation.io import (
     read_results,
 )
 from pipelines.segmentation.job import run_segmentation
+from tests.helpers import untrained_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_IMAGES = 8
@@ -56,15 +57,7 @@ def bucket(s3_options) -> str:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    import torch
-
-    from deeplab_core.models import build_model
-    from pipelines.common.checkpoints import save_checkpoint_dir
-
-    torch.manual_seed(0)
-    model = build_model("deeplabv3plus", backbone="mobilenetv2", num_classes=SPEC.num_classes,
-                        width_mult=0.25, output_stride=16)
-    return str(save_checkpoint_dir(model, tmp_path_factory.mktemp("ckpt"), {"note": "untrained"}))
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt"), SPEC.num_classes)
 
 
 @pytest.fixture(scope="module")
