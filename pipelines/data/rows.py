@@ -161,6 +161,10 @@ def _range(max_bytes: int | None) -> dict[str, int]:
 
 
 def _capped(content: bytes | BaseException, max_bytes: int | None) -> bytes | BaseException:
+    # A ranged GET of a zero-byte object is "416 range not satisfiable" on S3: the file is empty,
+    # which the decoder reports as such (an image error), not a read failure.
+    if max_bytes is not None and isinstance(content, OSError) and "range is not satisfiable" in str(content).lower():
+        return b""
     if max_bytes is not None and isinstance(content, bytes) and len(content) > max_bytes:
         return FileTooLarge(f"file is larger than the {max_bytes / 1024**2:g} MiB per-file cap "
                             f"(${MAX_FILE_BYTES_ENV}); not read")
