@@ -69,8 +69,12 @@ class Guard:
 def new_guard(crash_limit: int) -> Guard:
     """The run's guard; its book lives in an actor on the driver's node (no CPU)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    book = ray.remote(num_cpus=0)(AttemptBook).remote()
+    # Pinned to the driver's node: anywhere else, losing that node would take the book (and with
+    # it the whole run) down, while the workers it watches are meant to survive node losses.
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    book = ray.remote(num_cpus=0, scheduling_strategy=here)(AttemptBook).remote()
     abort = None
     hook = os.environ.get(ABORT_ENV, "")
     if ":" in hook:

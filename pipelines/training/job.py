@@ -44,7 +44,7 @@ from pipelines.data.storage import (
     resolve_storage_options,
 )
 from pipelines.training.config import TrainConfig
-from pipelines.training.loop import train_loop_per_worker
+from pipelines.training.loop import LOOP_CONFIG_REF, train_loop_per_worker
 from pipelines.training.resume import check_resume
 
 RUN_NAME_TAG = "deeplab.run_name"
@@ -181,10 +181,14 @@ def build_trainer(cfg: TrainConfig, train_manifest: str, val_manifest: str, trac
         "val": streams.eval_dataset(val_manifest, cfg.model.num_classes, storage_options=options),
     }
     storage_path, storage_fs = ray_storage(cfg.run.storage_path, cfg.data.storage_options)
+    loop_config = {"train": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
+                   "verbose": verbose, "progress_bar": sys.stderr.isatty()}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
-                           "verbose": verbose, "progress_bar": sys.stderr.isatty()},
+        # Ray Train publishes train_loop_config in its run state (dashboard, state API): it shows a
+        # redacted copy; the workers read the real one (storage secrets, a tracking URI with a
+        # password) from the object store.
+        train_loop_config={**redact(loop_config), LOOP_CONFIG_REF: ray.put(loop_config)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu(cfg.scaling.use_gpu, cfg.scaling.num_workers),
                                                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
                                                placement_strategy=cfg.scaling.placement_strategy),

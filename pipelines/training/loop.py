@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -37,6 +38,8 @@ from pipelines.common.checkpoints import (
 from pipelines.common.errors import remember_failure
 from pipelines.tracking import RunLogger
 from pipelines.training.config import TrainConfig
+
+LOOP_CONFIG_REF = "loop_config_ref"  # train_loop_config key of the unredacted config's ObjectRef
 
 # Not print(): Ray Train V2 turns a worker's print into a log record *and* (its stdout being
 # redirected) a second copy of the line; a logger reaches the driver once.
@@ -213,6 +216,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def _train(loop_config: dict) -> None:
+    if LOOP_CONFIG_REF in loop_config:  # the unredacted config (build_trainer)
+        loop_config = ray.get(loop_config[LOOP_CONFIG_REF])
     cfg = TrainConfig.model_validate(loop_config["train"])
     log.setLevel(logging.INFO)
     _quiet_worker_logs(loop_config.get("verbose", False))

@@ -17,7 +17,8 @@ import mlflow
 import pytest
 
 from pipelines.training.config import TrainConfig, load_train_config
-from pipelines.training.job import run_training
+from pipelines.training.job import build_trainer, run_training
+from pipelines.training.loop import LOOP_CONFIG_REF
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -98,6 +99,16 @@ def test_training_on_s3_improves_miou_tracks_and_registers(ray_cluster, s3_bucke
     # Credentials never reach MLflow: the secret is redacted in params.
     assert all("testing" not in value for value in run.data.params.values())
     assert run.data.params["data.storage_options.secret"] == "***"
+    # Nor Ray Train's run state (dashboard, state API), which publishes train_loop_config: that
+    # is a redacted copy, the workers get the real one through the object store.
+    secret_uri = "http://trainer:s3cr3t-pw@mlflow.example:5000"
+    trainer = build_trainer(cfg, outcome.val_manifest, outcome.val_manifest, secret_uri, outcome.run_id)
+    shown = json.dumps(trainer.train_loop_config, default=str)
+    assert "s3cr3t-pw" not in shown and '"secret": "testing"' not in shown and "trainer:***@" in shown
+    import ray
+
+    real = ray.get(trainer.train_loop_config[LOOP_CONFIG_REF])
+    assert real["tracking_uri"] == secret_uri and real["train"]["data"]["storage_options"]["secret"] == "testing"
     history = client.get_metric_history(outcome.run_id, "loss")
     assert len(history) == 12 and history[-1].value < history[0].value
     assert {"lr", "images_per_s", "data_wait_s", "val_mIoU", "val_fw_iou"} <= set(run.data.metrics)
