@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -99,7 +99,7 @@ class Row:
 
 
 def measure(sizes: list[Size], devices: list[str], repeats: int, batch: int, params: CRFParams) -> list[Row]:
-    kwargs = asdict(params)
+    kwargs = {"params": params}
     inputs = [make_inputs(size) for size in sizes]
     tensors = {  # batch copies of the same image, already on the device
         (i, device): (torch.from_numpy(image)[None].repeat(batch, 1, 1, 1).to(device),

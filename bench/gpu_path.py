@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -132,7 +132,7 @@ def model_stage_probs(model: nn.Module, images: Sequence[np.ndarray], scales: Se
 
 def crf_on_device(images: Sequence[np.ndarray], probs: torch.Tensor, params: CRFParams) -> torch.Tensor:
     """Torch dense CRF on `probs.device` (the raw uint8 images travel there, N x H x W x 3)."""
-    return dense_crf_torch(torch.from_numpy(np.stack(images)), probs, **asdict(params))
+    return dense_crf_torch(torch.from_numpy(np.stack(images)), probs, params=params)
 
 
 def model_stage_outputs(model: nn.Module, images: Sequence[np.ndarray], scales: Sequence[float], flip: bool,

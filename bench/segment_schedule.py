@@ -171,7 +171,8 @@ def settle_per_batch(fs, input_uri: str, output: str, options, local: bool) -> N
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.data.storage import get_fs, join_uri
+    from pipelines.common.uris import join_uri
+    from pipelines.data.storage import get_fs
     from pipelines.segmentation import io as seg_io
 
     listing = seg_io.list_inputs(input_uri, options, exclude_prefix=output)
@@ -205,7 +206,8 @@ def child(args: argparse.Namespace) -> None:
     from deeplab_core.models import build_model
     from deeplab_core.synthetic import SyntheticSpec, render_scene
     from pipelines.common.checkpoints import save_checkpoint_dir
-    from pipelines.data.storage import get_fs, join_uri
+    from pipelines.common.uris import join_uri
+    from pipelines.data.storage import get_fs
     from pipelines.data.synthetic import encode_scene
     from pipelines.segmentation.config import SegmentConfig
     from pipelines.segmentation.job import run_segmentation

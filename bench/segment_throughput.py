@@ -67,7 +67,7 @@ def time_model_stage(model, images, device: str, bf16: bool, scales, flip: bool,
     def run(x, image):
         p = predict_probs(model, x.to(device), scales=scales, flip=flip, autocast=bf16)
         if torch_crf:
-            p = dense_crf_torch(torch.from_numpy(image)[None], p.float(), iterations=crf_iterations)
+            p = dense_crf_torch(torch.from_numpy(image)[None], p.float(), params=CRFParams(iterations=crf_iterations))
         return p
 
     model = model.to(device).eval()
@@ -92,7 +92,7 @@ def time_direct_crf(images, probs, iterations: int) -> float:
 
     start = time.perf_counter()
     for image, p in zip(images, probs):
-        dense_crf(image, p, iterations=iterations)
+        dense_crf(image, p, params=CRFParams(iterations=iterations))
     return len(images) / (time.perf_counter() - start)
 
 
@@ -100,11 +100,11 @@ def time_ray_crf(images, probs, iterations: int, workers: int) -> float:
     """The job's CRF stage alone on Ray Data over the same inputs (materialised first)."""
     import ray.data
 
-    from deeplab_core.constants import CRFParams
+    from deeplab_core.constants import CRFParams, TTASettings
     from pipelines.segmentation.stages import InferencePlan, crf_stage
 
-    plan = InferencePlan(num_classes=NUM_CLASSES, mean=(0, 0, 0), std=(1, 1, 1), scales=(1.0,), flip=False,
-                         fusion="mean", max_pixels=None, crf=True, crf_params=CRFParams(iterations=iterations),
+    plan = InferencePlan(num_classes=NUM_CLASSES, mean=(0, 0, 0), std=(1, 1, 1), tta=TTASettings((1.0,), False),
+                         max_pixels=None, crf=True, crf_params=CRFParams(iterations=iterations), crf_backend="pydensecrf",
                          table=False, score=False, overlays=False, max_input_pixels=10**8, storage_options=None)
     rows = [{"id": str(i), "uri": "", "status": "ok", "error_stage": "", "error_reason": "", "seconds_decode": 0.0,
              "seconds_model": 0.0, "image": img, "label": np.zeros(img.shape[:2], np.uint8), "probs": p}

@@ -17,19 +17,34 @@ Backends, the same model (Krähenbühl & Koltun 2011 mean field on permutohedral
   3.3x (500x375) to 6.7x (2048x1024) pydensecrf's CPU time (docs/benchmarks.md).
 
 Neither backend imports torch or pydensecrf until it is used, so importing this module is cheap.
+The parameters are one `deeplab_core.constants.CRFParams` (their only definition).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from deeplab_core.constants import MIN_PROB, CRFParams
+
 if TYPE_CHECKING:
     import torch
 
-MIN_PROB = 1e-8  # -log(1e-8) ~ 18.4: a finite unary for probabilities that underflowed to 0
 BACKENDS: tuple[str, ...] = ("pydensecrf", "torch")
+AUTO = "auto"
+
+
+def choose_backend(setting: str, on_gpu: bool) -> str:
+    """The backend for a setting of `BACKENDS` or `auto`: `auto` is the torch CRF where the model
+    runs on a GPU (probabilities stay on the device), pydensecrf on CPU, where bench/crf.py
+    measures it 3-7x faster per CPU-second."""
+    if setting == AUTO:
+        return "torch" if on_gpu else "pydensecrf"
+    if setting not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join((AUTO, *BACKENDS))}, got {setting!r}")
+    return setting
 
 
 def _validate(image: np.ndarray, probs: np.ndarray) -> None:
@@ -47,15 +62,17 @@ def _validate(image: np.ndarray, probs: np.ndarray) -> None:
         raise ValueError(f"probs needs at least 2 classes, got {probs.shape[0]}")
 
 
+def _check_backend(backend: str, device: object) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if device is not None and backend != "torch":
+        raise ValueError(f"device is only used by the torch backend, got backend={backend!r}")
+
+
 def dense_crf(
     image: np.ndarray,
     probs: np.ndarray,
-    iterations: int = 10,
-    pos_w: float = 3,
-    pos_xy_std: float = 1,
-    bi_w: float = 4,
-    bi_xy_std: float = 67,
-    bi_rgb_std: float = 3,
+    params: CRFParams = CRFParams(),
     backend: str = "pydensecrf",
     device: str | torch.device | None = None,
 ) -> np.ndarray:
@@ -63,55 +80,66 @@ def dense_crf(
     `probs` (float C x H x W, e.g. softmax output; float16 is fine). A weight of 0 drops its kernel.
 
     `backend` is one of `BACKENDS`; `device` (torch backend only, default CPU) is where the torch
-    backend computes. For batches of tensors already on a device, call
-    `deeplab_core.crf_torch.dense_crf_torch` directly.
+    backend computes. Batches (and tensors already on a device): `refine`.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if device is not None and backend != "torch":
-        raise ValueError(f"device is only used by the torch backend, got backend={backend!r}")
+    _check_backend(backend, device)
     _validate(image, probs)
-    params = dict(iterations=iterations, pos_w=pos_w, pos_xy_std=pos_xy_std, bi_w=bi_w,
-                  bi_xy_std=bi_xy_std, bi_rgb_std=bi_rgb_std)
     if backend == "torch":
-        return _dense_crf_torch(image, probs, device, **params)
-    return _dense_crf_pydensecrf(image, probs, **params)
+        import torch
+
+        from deeplab_core.crf_torch import dense_crf_torch
+
+        # torch.tensor copies: torch.from_numpy rejects negative strides and warns on read-only arrays.
+        images = torch.tensor(image, device=device)[None]
+        probs_t = torch.tensor(probs, device=device)[None]
+        return dense_crf_torch(images, probs_t, params)[0].cpu().numpy()
+    return _dense_crf_pydensecrf(image, probs, params)
 
 
-def _dense_crf_torch(image: np.ndarray, probs: np.ndarray, device: str | torch.device | None,
-                     **params: float) -> np.ndarray:
+def refine(
+    images: Sequence[np.ndarray],
+    probs: Sequence[np.ndarray] | torch.Tensor,
+    params: CRFParams = CRFParams(),
+    backend: str = "pydensecrf",
+    device: str | torch.device | None = None,
+) -> list[np.ndarray]:
+    """The CRF labels (uint8 H x W, the argmax of the refined probabilities) of a batch: the one
+    entry the segmentation stages and the CRF search call, whichever backend.
+
+    `images` are uint8 H x W x 3 RGB arrays; `probs` their C x H x W probabilities, as arrays or
+    (torch backend) one N x C x H x W tensor, e.g. still on the model's device. pydensecrf refines
+    one image at a time; the torch backend refines same-size images as one batch on `device`
+    (default: the tensor's device, else CPU) and only the labels come back to the host.
+    """
+    _check_backend(backend, None if backend != "torch" else device)
+    if backend == "pydensecrf":
+        return [dense_crf(image, p, params).argmax(0).astype(np.uint8) for image, p in zip(images, probs)]
     import torch
 
     from deeplab_core.crf_torch import dense_crf_torch
 
-    # torch.tensor copies: torch.from_numpy rejects negative strides and warns on read-only arrays.
-    images = torch.tensor(image, device=device)[None]
-    probs_t = torch.tensor(probs, device=device)[None]
-    return dense_crf_torch(images, probs_t, **params)[0].cpu().numpy()
+    if isinstance(probs, torch.Tensor):
+        probs_t = probs.to(device) if device is not None else probs
+    else:
+        probs_t = torch.stack([torch.tensor(p, device=device) for p in probs])
+    rgb = torch.from_numpy(np.stack(images))
+    refined = dense_crf_torch(rgb, probs_t.float(), params)
+    return list(refined.argmax(1).to(torch.uint8).cpu().numpy())
 
 
-def _dense_crf_pydensecrf(
-    image: np.ndarray,
-    probs: np.ndarray,
-    iterations: int,
-    pos_w: float,
-    pos_xy_std: float,
-    bi_w: float,
-    bi_xy_std: float,
-    bi_rgb_std: float,
-) -> np.ndarray:
+def _dense_crf_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
     import pydensecrf.densecrf as dcrf
 
     num_classes, height, width = probs.shape
     crf = dcrf.DenseCRF2D(width, height, num_classes)  # width first
     unary = -np.log(np.clip(probs.astype(np.float32, copy=False), MIN_PROB, 1.0))
     crf.setUnaryEnergy(np.ascontiguousarray(unary.reshape(num_classes, -1), dtype=np.float32))
-    if pos_w > 0:
-        crf.addPairwiseGaussian(sxy=pos_xy_std, compat=pos_w)
-    if bi_w > 0:
+    if params.pos_w > 0:
+        crf.addPairwiseGaussian(sxy=params.pos_xy_std, compat=params.pos_w)
+    if params.bi_w > 0:
         # pydensecrf's typed memoryviews need a writable C-contiguous buffer (arrays from Arrow or
         # shared memory are read-only): np.require copies only when it has to.
         rgb = np.require(image, dtype=np.uint8, requirements=["C_CONTIGUOUS", "WRITEABLE"])
-        crf.addPairwiseBilateral(sxy=bi_xy_std, srgb=bi_rgb_std, rgbim=rgb, compat=bi_w)
-    refined = crf.inference(iterations)
+        crf.addPairwiseBilateral(sxy=params.bi_xy_std, srgb=params.bi_rgb_std, rgbim=rgb, compat=params.bi_w)
+    refined = crf.inference(params.iterations)
     return np.asarray(refined, dtype=np.float32).reshape(num_classes, height, width)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from deeplab_core.crf import MIN_PROB
+from deeplab_core.constants import MIN_PROB, CRFParams
 from deeplab_core.permutohedral import PermutohedralLattice
 
 
@@ -80,18 +80,14 @@ def _validate(images: Tensor, probs: Tensor) -> None:
 def dense_crf_torch(
     images: Tensor,
     probs: Tensor,
-    iterations: int = 10,
-    pos_w: float = 3,
-    pos_xy_std: float = 1,
-    bi_w: float = 4,
-    bi_xy_std: float = 67,
-    bi_rgb_std: float = 3,
+    params: CRFParams = CRFParams(),
 ) -> Tensor:
     """Refined probabilities `N x C x H x W` (float32, on `probs.device`) for same-size `images`
     (uint8 `N x H x W x 3` RGB, channels last like the numpy path; moved to `probs.device`) and
     `probs` (float `N x C x H x W`, e.g. softmax output). A weight of 0 drops its kernel.
 
-    Same parameters and model as `deeplab_core.crf.dense_crf`. Memory is dominated by the
+    Same parameters and model as `deeplab_core.crf.dense_crf`; most callers go through
+    `deeplab_core.crf.refine`. Memory is dominated by the
     bilateral lattice: about (d+1) = 6 vertex indices and weights per pixel plus a few
     vertices x C float32 buffers while filtering.
     """
@@ -102,13 +98,13 @@ def dense_crf_torch(
     unary = unary.reshape(batch_size, num_classes, height * width).transpose(1, 2)  # B x N x C
 
     kernels: list[_Kernel] = []
-    if pos_w > 0:
-        kernels.append(_Kernel.build(pos_w, _features(images, pos_xy_std, None)))
-    if bi_w > 0:
-        kernels.append(_Kernel.build(bi_w, _features(images, bi_xy_std, bi_rgb_std)))
+    if params.pos_w > 0:
+        kernels.append(_Kernel.build(params.pos_w, _features(images, params.pos_xy_std, None)))
+    if params.bi_w > 0:
+        kernels.append(_Kernel.build(params.bi_w, _features(images, params.bi_xy_std, params.bi_rgb_std)))
 
     q = torch.softmax(-unary, dim=-1)
-    for _ in range(iterations):
+    for _ in range(params.iterations):
         # Potts compatibility is -w, and pydensecrf subtracts the message: + w * k(Q).
         energy = -unary
         for kernel in kernels:

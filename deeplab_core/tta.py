@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deeplab_core.constants import DEFAULT_SCALES
+from deeplab_core.constants import DEFAULT_SCALES, TTASettings
 
 TILE_OVERLAP = 1 / 3  # fraction of a tile shared with its neighbour (mmseg/DeepLab slide default)
 # Below this many feature cells along the short side (scaled size / output stride) a scale mostly
@@ -134,13 +134,28 @@ def predict_probs(
     *,
     autocast: bool | None = None,
 ) -> torch.Tensor:
+    """`predict` with the settings as keywords (`TTASettings(scales, flip, fusion)`)."""
+    _check_args(images, scales, fusion, max_pixels)
+    return predict(model, images, TTASettings(tuple(scales), flip, fusion), max_pixels, autocast=autocast)
+
+
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    tta: TTASettings = TTASettings(),
+    max_pixels: int | None = None,
+    *,
+    autocast: bool | None = None,
+) -> torch.Tensor:
     """Class probabilities `N x C x H x W` (float32, summing to 1 per pixel) for `images`.
 
     `images` is a normalised float `N x 3 x H x W` tensor; it is moved to the model's device.
-    `autocast` runs the forwards in bfloat16 autocast; None means on for CUDA, off otherwise.
-    The model is put in eval mode for the call and its previous mode restored afterwards.
+    At every scale of `tta`, each of its views is run and its softmax mapped back and averaged;
+    the scales are then fused (`tta.fusion`). `autocast` runs the forwards in bfloat16 autocast;
+    None means on for CUDA, off otherwise. The model is put in eval mode for the call and its
+    previous mode restored afterwards.
     """
-    _check_args(images, scales, fusion, max_pixels)
+    _check_args(images, tta.scales, tta.fusion, max_pixels)
     param = next(model.parameters(), None)
     device = param.device if param is not None else images.device
     images = images.to(device)
@@ -149,30 +164,32 @@ def predict_probs(
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if autocast else nullcontext()
 
     height, width = images.shape[-2:]
-    warn_small_scales(model, height, width, scales)
+    warn_small_scales(model, height, width, tta.scales)
+    views = tta.views()
     was_training = model.training
     model.eval()
     fused: torch.Tensor | None = None
     try:
         with torch.inference_mode(), amp:
-            for scale in scales:
+            for scale in tta.scales:
                 size = _scaled_size(height, width, scale)
                 scaled = images if size == (height, width) else F.interpolate(
                     images, size=size, mode="bilinear", align_corners=False)
-                probs = _logits(model, scaled, max_pixels).softmax(dim=1)
-                if flip:
-                    flipped = _logits(model, scaled.flip(-1), max_pixels).flip(-1)
-                    probs = (probs + flipped.softmax(dim=1)) / 2
+                probs = views[0](_logits(model, views[0](scaled), max_pixels)).softmax(dim=1)
+                for view in views[1:]:
+                    probs = probs + view(_logits(model, view(scaled), max_pixels)).softmax(dim=1)
+                if len(views) > 1:
+                    probs = probs / len(views)
                 if size != (height, width):
                     probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
                 if fused is None:
                     fused = probs
-                elif fusion == "mean":
+                elif tta.fusion == "mean":
                     fused += probs
                 else:
                     fused = torch.maximum(fused, probs)
     finally:
         model.train(was_training)
-    if fusion == "mean":
-        return fused / len(scales)
+    if tta.fusion == "mean":
+        return fused / len(tta.scales)
     return fused / fused.sum(dim=1, keepdim=True)

@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 import pytest_timeout  # noqa: E402, F401
 import yaml  # noqa: E402
 
+from deeplab_core.constants import CRFParams
 from deeplab_core.crf import dense_crf  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def check_gpu_tier() -> None:
     crf.setUnaryEnergy(np.ascontiguousarray(-np.log(probs).reshape(c, -1)))
     crf.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(image), compat=4)
     raw = np.array(crf.inference(5)).reshape(c, h, w)
-    refined = dense_crf(image, probs, iterations=5)
+    refined = dense_crf(image, probs, params=CRFParams(iterations=5))
     assert refined.shape == (c, h, w) and np.allclose(refined.sum(0), 1, atol=1e-3)
     share = float(np.mean(refined.argmax(0)[:, w // 2:] == 1))
     assert share > 0.9 and np.isfinite(raw).all(), share

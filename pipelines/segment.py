@@ -27,34 +27,18 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (`ray job submit ... python pipelines/segment.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common.cli import add_common_flags, run_main  # noqa: E402
+from pipelines.common.cli import add_common_flags, field_help, run_main  # noqa: E402
 from pipelines.common.config import flag_labels, load_config  # noqa: E402
-from pipelines.data.storage import redact_urls  # noqa: E402
+from pipelines.common.redaction import redact_urls  # noqa: E402
 from pipelines.segmentation.config import SegmentConfig  # noqa: E402
+from pipelines.segmentation.flags import add_crf_flags, add_tta_flags, crf_values, tta_values  # noqa: E402
 
 # flag -> config field; the defaults and help texts are the config's own.
-FLAGS = ("model", "input", "output", "fusion", "max_pixels", "batch_size", "num_model_actors",
+FLAGS = ("model", "input", "output", "max_pixels", "batch_size", "num_model_actors",
          "cpus_per_model_actor", "crf_workers", "crf_backend", "device", "since", "tracking_uri", "experiment",
          "max_attempts", "crash_limit", "lease_ttl_s", "lease_wait_s")
 EXIT_BUSY = 3  # another run holds the output's lease: nothing was done
 
-
-# CRF kernel flags; unset ones come from the version's tuned set (pipelines/tune_crf.py) or defaults.
-CRF_FLAGS = {"bi_w": "bilateral weight", "bi_xy_std": "bilateral xy width",
-             "bi_rgb_std": "bilateral RGB width", "pos_w": "Gaussian weight", "pos_xy_std": "Gaussian xy width"}
-
-
-def _scales(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"scales must be comma-separated numbers, got {text!r}") from None
-
-
-def _help(name: str) -> str:
-    field = SegmentConfig.model_fields[name]
-    default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)})"
-    return (field.description or name.replace("_", " ")) + default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,23 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of SegmentConfig fields")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. crf_params.bi_w=5")
     for name in FLAGS:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=_help(name))
-    p.add_argument("--scales", type=_scales, default=None,
-                   help=_help("scales") + "; comma-separated, '1' for single scale")
-    p.add_argument("--no-flip", dest="flip", action="store_const", const=False, default=None, help="no horizontal-flip averaging")
-    p.add_argument("--crf", dest="crf", action=argparse.BooleanOptionalAction, default=None, help=_help("crf"))
-    p.add_argument("--crf-iterations", type=int, default=None, help="mean-field iterations of the dense CRF")
-    for name, what in CRF_FLAGS.items():
-        p.add_argument("--crf-" + name.replace("_", "-"), dest="crf_" + name, type=float, default=None,
-                       help=f"dense CRF {what} (overrides a registered version's tuned value)")
-    p.add_argument("--overlays", action="store_const", const=True, default=None, help=_help("overlays"))
-    p.add_argument("--eval", dest="evaluate", action="store_const", const=True, default=None, help=_help("evaluate"))
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=field_help(SegmentConfig, name))
+    add_tta_flags(p)
+    p.add_argument("--crf", dest="crf", action=argparse.BooleanOptionalAction, default=None,
+                   help=field_help(SegmentConfig, "crf"))
+    add_crf_flags(p)
+    p.add_argument("--overlays", action="store_const", const=True, default=None, help=field_help(SegmentConfig, "overlays"))
+    p.add_argument("--eval", dest="evaluate", action="store_const", const=True, default=None, help=field_help(SegmentConfig, "evaluate"))
     p.add_argument("--retry-errors", dest="retry_errors", action="store_const", const=True, default=None,
-                   help=_help("retry_errors"))
+                   help=field_help(SegmentConfig, "retry_errors"))
     p.add_argument("--changed", choices=("reprocess", "skip"), default=None,
                    help="a settled input listed with another size/etag: process it again (default) or skip it")
     p.add_argument("--shared-fs", dest="shared_fs", action="store_const", const=True, default=None,
-                   help=_help("shared_fs"))
+                   help=field_help(SegmentConfig, "shared_fs"))
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any input ended as an error")
     add_common_flags(p)
     return p
@@ -86,13 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> SegmentConfig:
     values = {name: getattr(args, name)
-              for name in (*FLAGS, "scales", "flip", "crf", "overlays", "evaluate", "retry_errors",
-                           "shared_fs")
+              for name in (*FLAGS, "crf", "overlays", "evaluate", "retry_errors", "shared_fs")
               if getattr(args, name) is not None}
     if args.changed is not None:
         values["reprocess_changed"] = args.changed == "reprocess"
-    crf = {name: getattr(args, "crf_" + name) for name in ("iterations", *CRF_FLAGS)}
-    crf = {name: value for name, value in crf.items() if value is not None}
+    values.update(tta_values(args))
+    crf = crf_values(args)
     if crf:
         values["crf_params"] = crf
     return load_config(SegmentConfig, args.config, args.overrides, values, flag_labels(values))

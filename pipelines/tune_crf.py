@@ -19,25 +19,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (`python pipelines/tune_crf.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common.cli import add_common_flags, run_main  # noqa: E402
+from pipelines.common.cli import add_common_flags, field_help, run_main  # noqa: E402
 from pipelines.common.config import flag_labels, load_config  # noqa: E402
 from pipelines.segmentation.crf_tuning import TuneCRFConfig  # noqa: E402
+from pipelines.segmentation.flags import add_tta_flags, tta_values  # noqa: E402
 
 FLAGS = {"model": str, "manifest": str, "num_images": int, "num_samples": int, "search": str, "seed": int,
          "iterations": int, "max_concurrent": int, "storage_path": str, "tracking_uri": str, "experiment": str}
 
-
-def _help(name: str) -> str:
-    field = TuneCRFConfig.model_fields[name]
-    default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)})"
-    return (field.description or name.replace("_", " ")) + default
-
-
-def _scales(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"scales must be comma-separated numbers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of TuneCRFConfig fields")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grid.bi_w=[3,5]")
     for name, kind in FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=_help(name))
-    p.add_argument("--scales", type=_scales, default=None, help=_help("scales") + "; comma-separated")
-    p.add_argument("--no-flip", dest="flip", action="store_const", const=False, default=None,
-                   help="no horizontal-flip averaging")
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
+                       help=field_help(TuneCRFConfig, name))
+    add_tta_flags(p)
     p.add_argument("--no-tag", dest="tag_version", action="store_const", const=False, default=None,
                    help="do not store the best set on the model version")
     add_common_flags(p)
@@ -57,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    values = {name: getattr(args, name) for name in (*FLAGS, "scales", "flip", "tag_version")
-              if getattr(args, name) is not None}
+    values = {name: getattr(args, name) for name in (*FLAGS, "tag_version") if getattr(args, name) is not None}
+    values.update(tta_values(args))
 
     def tune() -> int:
         cfg = load_config(TuneCRFConfig, args.config, args.overrides, values, flag_labels(values))

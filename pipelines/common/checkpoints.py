@@ -19,8 +19,8 @@ from torch import nn
 from deeplab_core.constants import IGNORE_INDEX
 from deeplab_core.models import build_model
 from pipelines.common.errors import InputError
+from pipelines.common.uris import WEIGHTS_TAG
 from pipelines.data.storage import get_fs
-from pipelines.tracking import WEIGHTS_TAG, downloaded_model, is_registry_uri, registered_weights_sha256
 
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -98,19 +98,10 @@ def checkpoint_file_in(local_dir: str) -> str:
     raise FileNotFoundError(f"no {MODEL_FILE} under {local_dir}")
 
 
-def load_model(uri: str, map_location: str | torch.device = "cpu",
-               storage_options: dict | None = None) -> tuple[nn.Module, dict]:
-    """Load a model in eval mode from any of:
-
-    `models:/name@alias`, `models:/name/version`, `runs:/<run_id>/model` (MLflow, using the
-    current tracking URI), a checkpoint directory or a `model.pt` file on any fsspec URI.
-    A registered version's weights must match its `weights.sha256` tag (WeightsMismatch).
-    """
-    if is_registry_uri(uri):
-        expected = registered_weights_sha256(uri)
-        with downloaded_model(uri) as local:
-            return model_from_checkpoint_file(checkpoint_file_in(local), map_location, expected_sha256=expected,
-                                              what=uri)
+def load_checkpoint(uri: str, map_location: str | torch.device = "cpu",
+                    storage_options: dict | None = None) -> tuple[nn.Module, dict]:
+    """Load a model in eval mode from a checkpoint directory or a `model.pt` file on any fsspec
+    URI. (Registry and run URIs too: `pipelines.tracking.load_model`.)"""
     fs, path = get_fs(uri, storage_options)
     if fs.isdir(path):
         uri = uri.rstrip("/") + "/" + MODEL_FILE

@@ -7,30 +7,29 @@ URI and what to do), 1 anything else. URIs in messages have their passwords reda
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from pydantic import BaseModel
+
 from pipelines.common.console import quiet_mlflow
 from pipelines.common.errors import EXIT_USAGE, InputError, describe_failure
-from pipelines.data.storage import redact_urls
+from pipelines.common.redaction import redact_urls, url_passwords
 
 EXIT_FAILED = 1
+
+
+def field_help(config: type[BaseModel], name: str) -> str:
+    """A flag's help: the config field's description and its default (the config's, written once)."""
+    field = config.model_fields[name]
+    default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)})"
+    return (field.description or name.replace("_", " ")) + default
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("--verbose", action="store_true", help="keep Ray's and MLflow's own start-up, plan, progress and registry output")
-
-
-_USERINFO = re.compile(r"://(?P<user>[^\s/@:]*):(?P<password>[^\s/@]+)@")
-
-
-def url_passwords(argv: Sequence[str]) -> list[str]:
-    """Passwords written into URIs on the command line (`s3://KEY:SECRET@bucket/...`): libraries
-    quote such URIs in their own words (e.g. 'Invalid bucket name "KEY:SECRET@bucket"')."""
-    return [m.group("password") for arg in argv for m in _USERINFO.finditer(arg)]
 
 
 def _scrubbed(text: str, secrets: Sequence[str]) -> str:

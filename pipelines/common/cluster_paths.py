@@ -19,7 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pipelines.common.errors import InputError
-from pipelines.data.storage import protocol_of, redact_urls
+from pipelines.common.redaction import redact_urls
+from pipelines.common.uris import protocol_of
 
 SHARED_FS_FLAG = "--shared-fs"
 _NODE_LOCAL_PROTOCOLS = ("file", "local", "memory")

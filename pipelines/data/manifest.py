@@ -24,16 +24,9 @@ from PIL import Image
 
 from deeplab_core.datasets import cityscapes_train_ids
 from pipelines.common.errors import InputError
-from pipelines.data.storage import (
-    absolute_uri,
-    get_fs,
-    redact_urls,
-    join_uri,
-    read_table,
-    uri_for,
-    write_atomically,
-    write_table,
-)
+from pipelines.common.redaction import redact_urls
+from pipelines.common.uris import absolute_uri, join_uri
+from pipelines.data.storage import get_fs, read_table, uri_for, write_atomically, write_table
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ import pyarrow as pa
 
 from pipelines.data.decode import BadInput, decode_image, decode_mask
 from pipelines.data.errors import ErrorRecord
-from pipelines.data.storage import get_fs, scrub
+from pipelines.common.redaction import scrub
+from pipelines.data.storage import get_fs
 
 
 # Largest file a row may read: a few-KiB header can claim a small image in a 200 MiB file, and
@@ -36,6 +37,15 @@ def max_file_bytes() -> int:
 
 class FileTooLarge(ValueError):
     """A file over the per-file byte cap; only its first cap + 1 bytes were read."""
+
+
+def object_array(values: Sequence[Any]) -> np.ndarray:
+    """A 1-D object array of arrays: how Ray Data batches carry images of differing shapes
+    (np.array would stack same-shaped ones into one block)."""
+    out = np.empty(len(values), dtype=object)
+    for index, value in enumerate(values):
+        out[index] = value
+    return out
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""Filesystems from URIs: fsspec (and pyarrow) filesystems, storage options, secret redaction.
+"""Filesystems from URIs: fsspec (and pyarrow) filesystems, storage options, atomic writes.
 
 Every path in the project is a URI that fsspec understands (``s3://bucket/key``, ``gs://...``,
 ``memory://...``, a local path). Storage options come from the configuration and, for S3, from
 the standard AWS variables; the configuration wins. Nothing here ever logs an option value: use
-:func:`redact` before anything reaches a log, an exception message or MLflow.
+:func:`pipelines.common.redaction.redact` before anything reaches a log, an exception message or
+MLflow. URI spelling (join, absolute, local or not) is `pipelines.common.uris`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -21,23 +21,10 @@ import fsspec
 import pyarrow as pa
 
 from pipelines.common.errors import InputError
+from pipelines.common.redaction import scrub
+from pipelines.common.uris import is_local, protocol_of
 
-REDACTED = "***"
 TEMP_PREFIX = ".tmp-"  # write_atomically's in-progress files (never listed as inputs)
-
-# Words that make an option name secret-looking, matched against the name's words
-# ("aws_secret_access_key" -> aws, secret, access, key; "apiKey" -> api, key).
-_SECRET_WORDS = {
-    "key", "secret", "token", "password", "passwd", "pwd", "credential", "credentials",
-    "signature", "auth", "authorization", "apikey", "accesskey", "secretkey", "sessiontoken",
-    "privatekey", "sas", "cookie",
-}
-# Secret option names whose words alone look harmless (adlfs/azure: connection_string holds the
-# AccountKey; gcsfs: token may be a dict, covered by "token"), matched on the joined name.
-_SECRET_COMPOUNDS = ("connectionstring", "accountkey", "sastoken", "clientsecret", "privatekeyid")
-# Secrets inside strings: an Azure connection string's AccountKey / SharedAccessSignature, a
-# SAS URL's `sig=`, a password in a URL (handled by _URL_PASSWORD below).
-_INLINE_SECRET = re.compile(r"(?i)\b(?P<head>(?:AccountKey|SharedAccessSignature|SharedAccessKey|sig)=)[^;&\s]+")
 
 # s3fs option names that carry identity; config-given credentials replace env ones as a group.
 _S3_CREDENTIAL_OPTIONS = {"key", "secret", "token", "anon", "profile", "session"}
@@ -46,16 +33,6 @@ _OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "oss"}
 
 class StorageError(InputError, RuntimeError):
     """A storage location cannot be used (missing bucket, no access). Never contains secrets."""
-
-
-def protocol_of(uri: str) -> str:
-    """``"s3"`` for ``s3://b/k``, ``"file"`` for local paths."""
-    protocol = fsspec.core.split_protocol(str(uri))[0]
-    return protocol or "file"
-
-
-def is_local(uri: str) -> bool:
-    return protocol_of(uri) in ("file", "local")
 
 
 def storage_options_from_env(protocol: str = "s3") -> dict[str, Any]:
@@ -117,20 +94,6 @@ def get_fs(uri: str, storage_options: Mapping[str, Any] | None = None):
     return fsspec.core.url_to_fs(str(uri), **options)
 
 
-def join_uri(base: str, *parts: str) -> str:
-    """``join_uri("s3://b/root", "a", "x.png") == "s3://b/root/a/x.png"``; keeps local paths plain."""
-    base = str(base)
-    if is_local(base) and "://" not in base:
-        return os.path.join(base, *parts)
-    return posixpath.join(base.rstrip("/"), *parts)
-
-
-def absolute_uri(uri: str) -> str:
-    """Local plain paths made absolute (manifests are read on Ray workers with another cwd)."""
-    uri = str(uri)
-    return os.path.abspath(uri) if is_local(uri) and "://" not in uri else uri
-
-
 def uri_for(fs, path: str, like: str) -> str:
     """The URI of ``path`` in ``fs``, spelled like ``like`` (plain absolute paths stay plain)."""
     if is_local(like):
@@ -164,50 +127,6 @@ def write_atomically(uri: str, data: bytes, storage_options: Mapping[str, Any] |
     finally:
         if os.path.exists(temp):
             os.remove(temp)
-
-
-def redact(obj: Any) -> Any:
-    """A copy of ``obj`` with the values of secret-looking keys replaced by ``"***"``, recursively
-    through dicts, lists and tuples. Strings embedding credentials (``scheme://user:pw@host``) lose
-    the password too."""
-    if isinstance(obj, Mapping):
-        return {k: REDACTED if _is_secret_key(k) and v not in (None, "") else redact(v)
-                for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(redact(v) for v in obj)
-    if isinstance(obj, str):
-        return redact_urls(obj)
-    return obj
-
-
-def _is_secret_key(key: Any) -> bool:
-    words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key)).lower())
-    return any(word in _SECRET_WORDS for word in words) or any(c in "".join(words) for c in _SECRET_COMPOUNDS)
-
-
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s/@:]*:)(?P<password>[^\s/@]+)@")
-
-
-def redact_urls(text: str) -> str:
-    """`text` with the password of every `scheme://user:password@host` in it replaced by "***"
-    (log lines and error messages quote URIs as given, credentials included)."""
-    text = _URL_PASSWORD.sub(lambda m: f"{m.group('head')}{REDACTED}@", str(text))
-    return _INLINE_SECRET.sub(lambda m: f"{m.group('head')}{REDACTED}", text)
-
-
-def scrub(text: str, storage_options: Mapping[str, Any] | None) -> str:
-    """``text`` with every secret value of ``storage_options`` replaced by ``"***"``."""
-    for value in _secret_values(storage_options or {}):
-        text = text.replace(value, REDACTED)
-    return text
-
-
-def _secret_values(options: Mapping[str, Any]):
-    for key, value in options.items():
-        if isinstance(value, Mapping):
-            yield from _secret_values(value)
-        elif _is_secret_key(key) and isinstance(value, str) and len(value) >= 4:
-            yield value
 
 
 def check_access(

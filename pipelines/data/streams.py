@@ -24,8 +24,8 @@ import pyarrow.compute as pc
 from pipelines.data.decode import DEFAULT_MAX_PIXELS
 from pipelines.data.errors import ERRORS_FILE, ErrorRecord, RunSummary, write_errors
 from pipelines.data.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
-from pipelines.data.rows import RowDecoder
-from pipelines.data.storage import join_uri
+from pipelines.data.rows import RowDecoder, object_array
+from pipelines.common.uris import join_uri
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class EvalBatch:
         out = {
             "id": np.asarray(batch.column("id").to_pylist(), dtype=object),
             "image_uri": np.asarray(batch.column("image_uri").to_pylist(), dtype=object),
-            "image": _ragged([empty_image if r.image is None else r.image for r in results]),
+            "image": object_array([empty_image if r.image is None else r.image for r in results]),
             "status": np.asarray([STATUS_OK if r.error is None else STATUS_ERROR for r in results],
                                  dtype=object),
             "stage": np.asarray([None if r.error is None else r.error.stage for r in results],
@@ -124,16 +124,8 @@ class EvalBatch:
                                  dtype=object),
         }
         if self.with_masks:
-            out["mask"] = _ragged([empty_mask if r.mask is None else r.mask for r in results])
+            out["mask"] = object_array([empty_mask if r.mask is None else r.mask for r in results])
         return out
-
-
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    """A 1-D object array of arrays (np.array would stack same-shaped ones into one block)."""
-    out = np.empty(len(arrays), dtype=object)
-    for index, array in enumerate(arrays):
-        out[index] = array
-    return out
 
 
 def _log_skipped(error: ErrorRecord) -> None:

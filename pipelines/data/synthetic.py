@@ -31,7 +31,8 @@ import numpy as np
 from deeplab_core.palette import colorize
 from deeplab_core.synthetic import SyntheticSpec, render_scene
 from pipelines.data.manifest import import_voc
-from pipelines.data.storage import absolute_uri, get_fs, join_uri, make_parent_dirs
+from pipelines.common.uris import absolute_uri, join_uri
+from pipelines.data.storage import get_fs, make_parent_dirs
 
 PARAMS_FILE = "synthetic.json"
 FORMAT_VERSION = 1

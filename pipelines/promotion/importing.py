@@ -38,16 +38,14 @@ from deeplab_core.weights import from_kazuto, from_torchvision, from_vainf
 from pipelines.common.checkpoints import MODEL_FILE, save_checkpoint_dir
 from pipelines.common.config import Section
 from pipelines.common.errors import InputError
+from pipelines.common.redaction import redact, scrub
+from pipelines.common.uris import absolute_uri, join_uri
 from pipelines.data.storage import (
-    StorageError,
-    absolute_uri,
     check_access,
     get_fs,
-    join_uri,
     make_parent_dirs,
-    redact,
     resolve_storage_options,
-    scrub,
+    StorageError,
 )
 
 DEFAULT_EXPERIMENT = "deeplab-imports"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field, field_validator
 
 from pipelines.common.config import Section
-from pipelines.data.storage import redact_urls
+from pipelines.common.redaction import redact_urls
 from pipelines.tracking import fail_fast_http
 from pipelines.promotion.policy import (
     DEFAULT_ALIAS,

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from pipelines.data.storage import redact_urls
+from pipelines.common.redaction import redact_urls
 from pipelines.promotion.policy import EXIT_ERROR, EXIT_UNRELIABLE, EXIT_USAGE, TAG_PREFIX
 
 if TYPE_CHECKING:  # mlflow is imported lazily: `--help` and usage errors stay fast

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from deeplab_core.constants import DEFAULT_SCALES
-from pipelines.common.config import Section
+from deeplab_core.constants import TTASettings
+from pipelines.common.config import Section, tta_keys_at_top
 from pipelines.segmentation.crf_settings import CRFSettings
 from pipelines.segmentation.io import parse_time
 
@@ -29,9 +29,7 @@ class SegmentConfig(Section):
                                    "or a checkpoint dir/URI")
     input: str = Field(description="URI prefix of images, or a manifest (.parquet/.csv/.jsonl)")
     output: str = Field(description="output URI prefix (any fsspec URI)")
-    scales: tuple[float, ...] = Field(DEFAULT_SCALES, min_length=1, description="test-time scales")
-    flip: bool = Field(True, description="horizontal-flip averaging")
-    fusion: Literal["mean", "max"] = Field("mean", description="how scales are fused: mean (v3/v3+) or max (v2 MSC)")
+    tta: TTASettings = Field(default_factory=TTASettings, description="test-time augmentation")
     max_pixels: int | None = Field(DEFAULT_TILE_PIXELS, gt=0, description="memory budget: largest scaled "
                                    "image run whole (pixels); bigger ones are tiled")
     crf: bool = Field(True, description="dense CRF")
@@ -80,12 +78,7 @@ class SegmentConfig(Section):
                                                "mounts (NFS): skip the multi-node check that refuses them")
     progress_every_s: float = Field(10.0, gt=0)
 
-    @field_validator("scales")
-    @classmethod
-    def _positive_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
-        if any(s <= 0 for s in scales):
-            raise ValueError(f"scales must be positive numbers, got {scales}")
-        return scales
+    _tta_keys = model_validator(mode="before")(tta_keys_at_top)
 
     @field_validator("since")
     @classmethod

@@ -4,6 +4,9 @@ Precedence, lowest first: the DeepLab v2 defaults (`CRFParams()`), the set `pipe
 stored on the model version (tags `crf.<field>`), then what the user gave (YAML, flags,
 `crf_params.<field>=` overrides). `CRFSettings` keeps the user's fields as None when not given, so
 "not given" and "given the default value" stay distinguishable.
+
+Everything here is derived from `deeplab_core.constants.CRFParams` (names, bounds, help): adding a
+CRF field there adds its setting, flag, tag and search axis.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ import dataclasses
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_type_hints
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, create_model, model_validator
 
 from deeplab_core.constants import CRFParams
 from pipelines.common.config import Section
@@ -22,24 +25,15 @@ from pipelines.common.errors import InputError
 
 TAG_PREFIX = "crf."
 # The kernel parameters a tuning run searches and stores; iterations stay the run's own choice.
-TUNED_FIELDS = ("bi_w", "bi_xy_std", "bi_rgb_std", "pos_w", "pos_xy_std")
+TUNED_FIELDS = CRFParams.tuned_fields()
 MANIFEST_TAG, SCORE_TAG, DEFAULT_SCORE_TAG = "crf.manifest", "crf.score", "crf.default_score"
 ITERATIONS_TAG = "crf.iterations"  # the iterations the tuned set was scored with (provenance)
 
 SOURCE_DEFAULT, SOURCE_TUNED, SOURCE_EXPLICIT = "default", "tuned", "explicit"
 
 
-class CRFSettings(Section):
-    """User-given CRF fields; None = not given (then the tuned set or the defaults apply)."""
-
+class _CRFSettingsBase(Section):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    iterations: int | None = Field(None, ge=1)
-    pos_w: float | None = Field(None, ge=0)
-    pos_xy_std: float | None = Field(None, gt=0)
-    bi_w: float | None = Field(None, ge=0)
-    bi_xy_std: float | None = Field(None, gt=0)
-    bi_rgb_std: float | None = Field(None, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -49,6 +43,27 @@ class CRFSettings(Section):
 
     def given(self) -> dict[str, float | int]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+def _setting(field: dataclasses.Field) -> tuple[Any, Any]:
+    """A CRFParams field as an optional setting with the field's bound and help."""
+    bound = {"gt" if field.metadata["strict"] else "ge": field.metadata["minimum"]}
+    return get_type_hints(CRFParams)[field.name] | None, Field(None, description=field.metadata["help"], **bound)
+
+CRFSettings = create_model(
+    "CRFSettings", __base__=_CRFSettingsBase, __module__=__name__,
+    __doc__="User-given CRF fields; None = not given (then the tuned set or the defaults apply).",
+    **{f.name: _setting(f) for f in dataclasses.fields(CRFParams)})
+
+
+def as_params(params: CRFParams, prefix: str = "") -> dict[str, float | int]:
+    """The one flat form of a set: `{prefix + field: value}` (MLflow params use prefix `crf_`)."""
+    return {prefix + name: value for name, value in dataclasses.asdict(params).items()}
+
+
+def params_json(params: CRFParams) -> str:
+    """The set as the results files' `crf_params` column and the log lines write it."""
+    return json.dumps(as_params(params), sort_keys=True)
 
 
 def tags_for(params: CRFParams, manifest: str, score: float, default_score: float) -> dict[str, str]:
@@ -95,5 +110,15 @@ def resolve(settings: CRFSettings, tuned: Mapping[str, float] | None) -> tuple[C
     return params, source
 
 
-def params_json(params: CRFParams) -> str:
-    return json.dumps(dataclasses.asdict(params), sort_keys=True)
+def for_model(settings: CRFSettings | CRFParams | None, model_uri: str) -> tuple[CRFParams, str]:
+    """The CRF parameters of a run on `model_uri` and their source: a registered version's tuned
+    set (tags from pipelines/tune_crf.py) under the user's explicit fields, else defaults +
+    explicit. The one resolution every job uses (segmentation, evaluation, promotion)."""
+    from pipelines import tracking
+
+    if not isinstance(settings, _CRFSettingsBase):
+        settings = CRFSettings.model_validate(settings or {})
+    tuned = None
+    if model_uri.startswith("models:/"):
+        tuned = tuned_from_tags(tracking.model_version_tags(model_uri), model_uri)
+    return resolve(settings, tuned)

@@ -21,32 +21,27 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from deeplab_core.constants import DEFAULT_SCALES, CRFParams
+from deeplab_core.constants import CRFParams, TTASettings
 from pipelines import tracking
-from pipelines.common.config import Section
+from pipelines.common.config import Section, tta_keys_at_top
 from pipelines.common.console import is_verbose
 from pipelines.common.errors import InputError
 from pipelines.common.ray_session import ensure_ray
 from pipelines.data.decode import DEFAULT_MAX_PIXELS
-from pipelines.data.storage import absolute_uri
+from pipelines.common.uris import absolute_uri
 from pipelines.segmentation import crf_settings
 from pipelines.segmentation.crf_settings import TUNED_FIELDS
 
 DEFAULT_EXPERIMENT = "deeplab-crf-tuning"
 METRIC = "mIoU"
-# Random-search ranges (log-uniform). The papers searched bi_w 3-6, bi_xy_std 30-100 and
-# bi_rgb_std 3-6 on VOC's 500x375 photographs; smaller or noisier images need wider ranges.
+# Random-search ranges (log-uniform) and grid-search axes (the defaults are added to each axis, so
+# they are one grid point): CRFParams' field metadata, where the papers' ranges are noted.
 RANGES: dict[str, tuple[float, float]] = {
-    "bi_w": (1.0, 10.0), "bi_xy_std": (5.0, 100.0), "bi_rgb_std": (2.0, 40.0),
-    "pos_w": (0.5, 6.0), "pos_xy_std": (0.5, 3.0),
-}
-# Grid-search axes (the defaults are added to each axis, so they are one grid point).
+    f.name: f.metadata["search"] for f in dataclasses.fields(CRFParams) if f.name in TUNED_FIELDS}
 GRID: dict[str, tuple[float, ...]] = {
-    "bi_w": (3.0, 5.0), "bi_xy_std": (10.0, 30.0), "bi_rgb_std": (5.0, 13.0),
-    "pos_w": (3.0,), "pos_xy_std": (1.0,),
-}
+    f.name: f.metadata["grid"] for f in dataclasses.fields(CRFParams) if f.name in TUNED_FIELDS}
 
 
 class TuneCRFConfig(Section):
@@ -61,10 +56,7 @@ class TuneCRFConfig(Section):
     num_samples: int = Field(16, ge=1, description="random search: parameter sets, the defaults included")
     seed: int = 0
     iterations: int = Field(CRFParams.iterations, ge=1, description="mean-field iterations per trial")
-    scales: tuple[float, ...] = Field(DEFAULT_SCALES, min_length=1, description="test-time scales "
-                                      "(use segment.py's)")
-    flip: bool = True
-    fusion: Literal["mean", "max"] = "mean"
+    tta: TTASettings = Field(default_factory=TTASettings, description="test-time augmentation (use segment.py's)")
     max_concurrent: int | None = Field(None, ge=1, description="trials at once (default: one per CPU)")
     grid: dict[str, tuple[float, ...]] = Field(default_factory=lambda: dict(GRID))
     tag_version: bool = Field(True, description="store the best set on the model version")
@@ -73,6 +65,8 @@ class TuneCRFConfig(Section):
     experiment: str = DEFAULT_EXPERIMENT
     storage_options: dict[str, Any] | None = None
     max_input_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+
+    _tta_keys = model_validator(mode="before")(tta_keys_at_top)
 
     @field_validator("grid")
     @classmethod
@@ -113,11 +107,11 @@ def load_tuning_data(cfg: TuneCRFConfig, model_uri: str) -> tuple[list[tuple[np.
     """[(image uint8 HxWx3, probs float16 CxHxW, gt uint8 HxW)] for the first `num_images`
     masked rows that decode, and the class count. The model runs here, once."""
     from deeplab_core.transforms import normalize
-    from deeplab_core.tta import predict_probs
-    from pipelines.common.checkpoints import load_model
+    from deeplab_core.tta import predict
+    from pipelines.tracking import load_model
     from pipelines.data.manifest import read_manifest
     from pipelines.data.rows import RowDecoder
-    from pipelines.segmentation.stages import normalisation_of, num_classes_of
+    from pipelines.segmentation.stages.plan import normalisation_of, num_classes_of
 
     model, meta = load_model(model_uri, storage_options=cfg.storage_options)
     num_classes = num_classes_of(model)
@@ -131,8 +125,7 @@ def load_tuning_data(cfg: TuneCRFConfig, model_uri: str) -> tuple[list[tuple[np.
                                        [r["mask_uri"] for r in chunk]):
             if row.error is not None or len(data) >= cfg.num_images:
                 continue
-            probs = predict_probs(model, normalize(row.image, mean, std).unsqueeze(0), scales=cfg.scales,
-                                  flip=cfg.flip, fusion=cfg.fusion)[0]
+            probs = predict(model, normalize(row.image, mean, std).unsqueeze(0), cfg.tta)[0]
             data.append((row.image, probs.numpy().astype(np.float16), row.mask))
         if len(data) >= cfg.num_images:
             break
@@ -144,13 +137,13 @@ def load_tuning_data(cfg: TuneCRFConfig, model_uri: str) -> tuple[list[tuple[np.
 def score(data: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], num_classes: int,
           params: CRFParams | None) -> dict[str, float]:
     """mIoU / pixel accuracy of the CRF labels (params None: no CRF, the argmax) over `data`."""
-    from deeplab_core.crf import dense_crf
+    from deeplab_core.crf import refine
     from deeplab_core.metrics import confusion_matrix, segmentation_metrics
 
     cm = np.zeros((num_classes, num_classes), np.int64)
     for image, probs, gt in data:
-        refined = probs if params is None else dense_crf(image, probs, **asdict(params))
-        cm += confusion_matrix(refined.argmax(0).astype(np.uint8), np.array(gt), num_classes)
+        label = probs.argmax(0).astype(np.uint8) if params is None else refine([image], [probs], params)[0]
+        cm += confusion_matrix(label, np.array(gt), num_classes)
     result = segmentation_metrics(cm)
     return {METRIC: float(result["mIoU"]), "pixel_acc": float(result["pixel_acc"])}
 
@@ -235,7 +228,7 @@ def _run(cfg: TuneCRFConfig) -> TuneResult:
     model_uri = tracking.resolve_model_uri(cfg.model) if registry else absolute_uri(cfg.model)
     data, num_classes = load_tuning_data(cfg, model_uri)
     print(f"[tune_crf] {model_uri}: probabilities of {len(data)} image(s) computed once "
-          f"(scales {','.join(f'{s:g}' for s in cfg.scales)}, flip {cfg.flip}); searching "
+          f"(scales {','.join(f'{s:g}' for s in cfg.tta.scales)}, flip {cfg.tta.flip}); searching "
           f"({cfg.search}) with {cfg.iterations} CRF iterations per trial", flush=True)
     trials = run_search(cfg, data, num_classes)
     best_trial = max(trials, key=_rank_key)
@@ -267,7 +260,8 @@ def log_result(cfg: TuneCRFConfig, result: TuneResult, table: str) -> str:
         "model": cfg.model, "model_resolved": result.model_uri, "manifest": cfg.manifest,
         "num_images": cfg.num_images, "search": cfg.search,
         "num_trials": len(result.trials), "iterations": cfg.iterations,
-        "scales": ",".join(f"{s:g}" for s in cfg.scales), "flip": cfg.flip, "fusion": cfg.fusion, "seed": cfg.seed,
+        "scales": ",".join(f"{s:g}" for s in cfg.tta.scales), "flip": cfg.tta.flip, "fusion": cfg.tta.fusion,
+        "seed": cfg.seed,
     }
     metrics = {"best_mIoU": result.best_score, "default_mIoU": result.default_score,
                "no_crf_mIoU": result.no_crf_score, "seconds": result.seconds,

@@ -31,16 +31,8 @@ import pyarrow as pa
 
 from pipelines.data.errors import ErrorRecord
 from pipelines.data.manifest import IMAGE_EXTENSIONS, read_manifest
-from pipelines.data.storage import (
-    TEMP_PREFIX,
-    check_access,
-    get_fs,
-    is_local,
-    join_uri,
-    table_format,
-    uri_for,
-    write_atomically,
-)
+from pipelines.common.uris import is_local, join_uri
+from pipelines.data.storage import check_access, get_fs, table_format, TEMP_PREFIX, uri_for, write_atomically
 from pipelines.segmentation.ledger import (  # the layout's directory names live with the ledger
     ERRORS_DIR,  # noqa: F401 - part of this module's layout too
     RESULTS_DIR,

@@ -16,24 +16,24 @@ idempotency contract: io.py and ledger.py.
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
 
 from deeplab_core.constants import CRFParams
+from deeplab_core.crf import choose_backend
 from pipelines import tracking
 from pipelines.common.cluster_paths import check_shared_paths
 from pipelines.common.ray_session import ensure_ray, use_gpu
-from pipelines.common.errors import InputError
 from pipelines.data.errors import ErrorRecord
-from pipelines.data.storage import absolute_uri, check_access, get_fs, join_uri, redact_urls
+from pipelines.common.redaction import redact_urls
+from pipelines.common.uris import absolute_uri, join_uri
+from pipelines.data.storage import check_access, get_fs
 from pipelines.segmentation import crf_settings, ledger, lease
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
@@ -48,7 +48,7 @@ from pipelines.segmentation.io import (
     parse_time,
     write_state,
 )
-from pipelines.segmentation.poison import Guard, new_guard
+from pipelines.segmentation.poison import new_guard
 from pipelines.segmentation.report import (
     METRIC_KEYS,
     SegmentReport,
@@ -57,7 +57,7 @@ from pipelines.segmentation.report import (
     evaluation_table,
     format_scales,
 )
-from pipelines.segmentation.stages import (
+from pipelines.segmentation.columns import (
     CLASSES,
     ERROR_REASON,
     ERROR_STAGE,
@@ -69,78 +69,9 @@ from pipelines.segmentation.stages import (
     SECONDS_DECODE,
     SECONDS_MODEL,
     STATUS,
-    InferencePlan,
-    ModelStage,
-    WriteSpec,
-    crf_stage,
-    decode_stage,
-    initial_status,
-    normalisation_of,
-    num_classes_of,
-    summary_columns,
-    write_stage,
 )
-
-
-def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *, batch_size: int,
-                  num_model_actors: int, cpus_per_model_actor: float, crf_workers: int, gpu: bool,
-                  write: WriteSpec | None):
-    """The Ray Data pipeline over ``items``; its rows are per-image summaries (no pixels)."""
-    import ray.data
-
-    status = {k: v[0] for k, v in initial_status(1).items()}
-    rows = [{**item.row(), **status} for item in items]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), math.ceil(len(rows) / batch_size))))
-    # Bounded retries: the guard turns an input that kills workers into an error row after
-    # crash_limit deaths; Ray's default for actors is to retry without end. (Ray 2.60 has no
-    # named map_batches parameter for these yet: they go as remote args, with its warning.)
-    tasks, actors = {}, {}
-    if plan.guard is not None:
-        retries = plan.guard.ray_retries(batch_size)
-        tasks, actors = {"max_retries": retries}, {"max_restarts": -1, "max_task_retries": retries}
-    # 0.5 CPU: unequal resources keep Ray Data from fusing the decode into the model actors,
-    # so decoding overlaps inference instead of running inside the actor.
-    ds = ds.map_batches(decode_stage, fn_kwargs={"plan": plan}, batch_size=batch_size,
-                        batch_format="numpy", num_cpus=0.5, **tasks)
-    model_resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": cpus_per_model_actor}
-    ds = ds.map_batches(
-        ModelStage,
-        fn_constructor_kwargs={"model_ref": model_ref, "plan": plan, "device": "cuda" if gpu else "cpu",
-                               "num_threads": int(max(1, cpus_per_model_actor))},
-        compute=ray.data.ActorPoolStrategy(size=num_model_actors),
-        batch_size=batch_size, batch_format="numpy", **model_resources, **actors,
-    )
-    if plan.run_crf and not plan.crf_in_model:
-        ds = ds.map_batches(crf_stage, fn_kwargs={"plan": plan}, batch_size=batch_size,
-                            batch_format="numpy", num_cpus=1,
-                            compute=ray.data.TaskPoolStrategy(size=crf_workers), **tasks)
-    if write is not None:
-        ds = ds.map_batches(write_stage, fn_kwargs={"spec": write}, batch_size=batch_size,
-                            batch_format="numpy", num_cpus=0.25, **tasks)
-    return ds.select_columns(summary_columns(plan, write=write is not None))
-
-
-def crf_backend_for(setting: str, gpu: bool) -> str:
-    """`auto`: the torch CRF where the model runs on a GPU (probabilities stay on the device, no
-    CPU CRF stage); pydensecrf on CPU, where bench/crf.py measures it 3-7x faster per CPU-second."""
-    if setting != "auto":
-        return setting
-    return "torch" if gpu else "pydensecrf"
-
-
-def make_plan(cfg: SegmentConfig, model, meta: Mapping[str, Any], *, table: bool, score: bool,
-              gpu: bool = False, crf_params: CRFParams | None = None, guard: Guard | None = None) -> InferencePlan:
-    """The plan; `crf_params` None: the config's own fields over the defaults (no tuned set)."""
-    mean, std = normalisation_of(meta, model)
-    if crf_params is None:
-        crf_params, _ = crf_settings.resolve(cfg.crf_params, None)
-    return InferencePlan(
-        num_classes=num_classes_of(model), mean=mean, std=std, scales=tuple(cfg.scales), flip=cfg.flip,
-        fusion=cfg.fusion, max_pixels=cfg.max_pixels, crf=cfg.crf, crf_params=crf_params,
-        crf_backend=crf_backend_for(cfg.crf_backend, gpu),
-        table=table, score=score, overlays=cfg.overlays, max_input_pixels=cfg.max_input_pixels,
-        storage_options=cfg.storage_options, guard=guard,
-    )
+from pipelines.segmentation.pipeline import build_dataset, load_checked_model, model_errors
+from pipelines.segmentation.stages import InferencePlan, WriteSpec
 
 
 def run_segmentation(cfg: SegmentConfig, verbose: bool = False) -> SegmentReport:
@@ -154,68 +85,23 @@ def _new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def resolve_model(uri: str) -> str:
-    """A registry alias pinned to its version (every actor loads the same one); paths absolute."""
-    return tracking.resolve_model_uri(uri) if tracking.is_registry_uri(uri) else absolute_uri(uri)
-
-
-@contextmanager
-def _model_errors(uri: str) -> Iterator[None]:
-    """Any failure to find or load the model as one InputError naming it (redacted) and why."""
-    try:
-        yield
-    except InputError:
-        raise
-    except Exception as err:  # noqa: BLE001 - missing, truncated, unknown alias, not a checkpoint
-        reason = redact_urls(" ".join(str(getattr(err, "message", err)).split()))[:300] or type(err).__name__
-        raise InputError(f"cannot load model {redact_urls(uri)}: {reason}") from None
-
-
-def choose_crf_params(cfg: SegmentConfig, model_uri: str) -> tuple[CRFParams, str]:
-    """The CRF parameters of the run and their source: a registered version's tuned set (tags
-    from pipelines/tune_crf.py) under the user's explicit fields, else defaults + explicit."""
-    tuned = None
-    if model_uri.startswith("models:/"):
-        tuned = crf_settings.tuned_from_tags(tracking.model_version_tags(model_uri), model_uri)
-    return crf_settings.resolve(cfg.crf_params, tuned)
-
-
-def load_checked_model(uri: str, storage_options: Mapping[str, Any] | None,
-                       load: bool = True) -> tuple[str, Any, dict]:
-    """(pinned URI, model, meta); with `load=False` only the URI is checked and pinned."""
-    from pipelines.common.checkpoints import load_model
-
-    with _model_errors(uri):
-        model_uri = resolve_model(uri)
-        model, meta = load_model(model_uri, storage_options=storage_options) if load else (None, {})
-    return model_uri, model, meta
-
-
-def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping[str, Any], model_uri: str,
-             write: WriteSpec, crf_params: CRFParams, guard: Guard,
-             on_batch) -> tuple[Tally, dict | None, str | None, str | None]:
+def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, model_uri: str, plan: InferencePlan,
+             write: WriteSpec, gpu: bool, on_batch) -> tuple[Tally, dict | None, str | None, str | None]:
     """Runs the stages over `todo` (each summary batch to `on_batch`): the tally, the evaluation
     (metrics, table) with --eval, and the CRF backend that ran."""
     import ray
 
-    evaluate = cfg.evaluate and any(item.mask_uri for item in todo)
-    if cfg.evaluate and not evaluate:
-        print("[segment] --eval: no ground-truth masks among the inputs (use a manifest with "
-              "mask_uri); no evaluation", flush=True)
-    gpu = use_gpu(cfg.device)
-    plan = make_plan(cfg, model, meta, table=evaluate, score=False, gpu=gpu, crf_params=crf_params, guard=guard)
-    write = replace(write, guard=guard)
     crf = f"CRF {plan.crf_backend}" + (" (in the model actor)" if plan.crf_in_model else "") if plan.run_crf else "no CRF"
     print(f"[segment] model {model_uri} ({plan.num_classes} classes) on {'GPU' if gpu else 'CPU'}; "
-          f"scales {format_scales(cfg.scales)}, flip {cfg.flip}, {crf}", flush=True)
+          f"scales {format_scales(cfg.tta.scales)}, flip {cfg.tta.flip}, {crf}", flush=True)
     ds = build_dataset(todo, plan, ray.put(model), batch_size=cfg.batch_size,
                        num_model_actors=cfg.num_model_actors, cpus_per_model_actor=cfg.cpus_per_model_actor,
                        crf_workers=cfg.crf_workers, gpu=gpu, write=write)
     tally = consume(ds, len(todo), cfg.progress_every_s, on_batch=on_batch)
     backend = plan.crf_backend if plan.run_crf else None
-    if not evaluate:
+    if not plan.table:
         return tally, None, None, backend
-    evaluation, table = evaluation_table(tally, cfg, tally.scored, crf_params.iterations)
+    evaluation, table = evaluation_table(tally, cfg.tta, tally.scored, plan.crf_params.iterations)
     return tally, evaluation, table, backend
 
 
@@ -323,24 +209,32 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
           + (f" ({retried} retried after a transient error)" if retried else ""), flush=True)
 
     model_uri, model, meta = load_checked_model(cfg.model, options, load=bool(work))
-    with _model_errors(cfg.model):  # the version's tuned CRF set is read from the registry
-        crf_params, crf_source = choose_crf_params(cfg, model_uri)
+    with model_errors(cfg.model):  # the version's tuned CRF set is read from the registry
+        crf_params, crf_source = crf_settings.for_model(cfg.crf_params, model_uri)
     if work and (cfg.crf or cfg.evaluate):
         print(f"[segment] CRF parameters ({crf_source}): {crf_settings.params_json(crf_params)}", flush=True)
-    gpu, guard = False, None
+    gpu, guard, plan = False, None, None
+    evaluate = cfg.evaluate and any(item.mask_uri for item in work)
+    if cfg.evaluate and work and not evaluate:
+        print("[segment] --eval: no ground-truth masks among the inputs (use a manifest with "
+              "mask_uri); no evaluation", flush=True)
     if work:
         ensure_ray(verbose=verbose)
         guard = new_guard(cfg.crash_limit)  # its actor starts while the pipeline is planned
         gpu = use_gpu(cfg.device)
+        plan = InferencePlan.for_model(
+            model, meta, gpu=gpu, crf_backend=cfg.crf_backend, tta=cfg.tta, max_pixels=cfg.max_pixels,
+            crf=cfg.crf, crf_params=crf_params, table=evaluate, score=False, overlays=cfg.overlays,
+            max_input_pixels=cfg.max_input_pixels, storage_options=options, guard=guard)
     write = WriteSpec(cfg.output, run_id, model_uri, cfg.crf, cfg.overlays, cfg.overlay_alpha, options,
-                      crf_backend=crf_backend_for(cfg.crf_backend, gpu), crf_source=crf_source,
-                      crf_params=crf_settings.params_json(crf_params))
+                      crf_backend=choose_backend(cfg.crf_backend, gpu), crf_source=crf_source,
+                      crf_params=crf_settings.params_json(crf_params), guard=guard)
     recording = Recording(cfg, run_id, model_uri, write, held, todo)
     if known_errors:
         recording.known_errors(known_errors)
     if work:
-        tally, evaluation, table, crf_backend = _segment(cfg, work, model, meta, model_uri, write, crf_params,
-                                                         guard, on_batch=recording)
+        tally, evaluation, table, crf_backend = _segment(cfg, work, model, model_uri, plan, write, gpu,
+                                                         on_batch=recording)
     else:
         tally, evaluation, table, crf_backend = Tally(), None, None, None
     held.check()
@@ -357,7 +251,7 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
         errors=tally.errors + len(known_errors), skipped=skipped,
         seconds=time.monotonic() - started, stage_seconds=dict(tally.seconds),
         errors_by_stage=errors_by_stage, evaluation=evaluation, table=table, crf_backend=crf_backend,
-        crf_source=crf_source if cfg.crf else None, crf_params=asdict(crf_params) if cfg.crf else None,
+        crf_source=crf_source if cfg.crf else None, crf_params=crf_settings.as_params(crf_params) if cfg.crf else None,
     )
     last_run = {k: v for k, v in asdict(report).items() if k not in ("evaluation", "table")}
     write_state(cfg.output, last_run, options)
@@ -377,10 +271,10 @@ def log_run(cfg: SegmentConfig, report: SegmentReport, crf_params: CRFParams, cr
     metrics and table, the summary."""
     params = {
         "model": cfg.model, "model_resolved": report.model_uri, "input": cfg.input, "output": cfg.output,
-        "scales": format_scales(cfg.scales), "flip": cfg.flip, "fusion": cfg.fusion, "crf": cfg.crf,
+        "scales": format_scales(cfg.tta.scales), "flip": cfg.tta.flip, "fusion": cfg.tta.fusion, "crf": cfg.crf,
         "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size, "since": cfg.since,
         "crf_backend": report.crf_backend,
-        "crf_source": crf_source, **{f"crf_{k}": v for k, v in asdict(crf_params).items()},
+        "crf_source": crf_source, **crf_settings.as_params(crf_params, "crf_"),
     }
     metrics = {"images_read": report.read, "images_ok": report.ok, "images_errors": report.errors,
                "images_skipped": report.skipped, "images_per_s": report.images_per_s, "seconds": report.seconds}

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pipelines.data.storage import get_fs, is_local, join_uri, make_parent_dirs, write_atomically
+from pipelines.common.uris import is_local, join_uri
+from pipelines.data.storage import get_fs, make_parent_dirs, write_atomically
 
 LEASE_DIR = "_lease"
 

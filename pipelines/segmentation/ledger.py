@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.data.storage import get_fs, join_uri, write_atomically
+from pipelines.common.uris import join_uri
+from pipelines.data.storage import get_fs, write_atomically
 
 
 LEDGER_DIR, PENDING_DIR, RESULTS_DIR, ERRORS_DIR = "ledger", "pending", "results", "errors"

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.segmentation.columns import ERROR_REASON, ERROR_STAGE, ID, STATUS, STATUS_ERROR
+
 ABORT_ENV = "DEEPLAB_SEGMENT_TEST_ABORT"
 WORKER_LOST = "worker lost"
 
@@ -95,8 +97,6 @@ def guarded(guard: Guard | None, stage: str, batch: dict[str, np.ndarray],
     if guard is None:
         return process(batch)
     import ray
-
-    from pipelines.segmentation.stages import ERROR_REASON, ERROR_STAGE, ID, STATUS, STATUS_ERROR
 
     ids = [str(i) for i in batch[ID]]
     key = (stage, "batch", *ids)

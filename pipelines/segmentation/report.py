@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipelines.data.errors import RunSummary
-from pipelines.segmentation.config import SegmentConfig
-from pipelines.segmentation.io import STATUS_OK
-from pipelines.segmentation.stages import (
+from deeplab_core.constants import TTASettings
+from pipelines.segmentation.columns import (
     CM,
     CM_CRF,
     CM_PLAIN,
@@ -19,6 +18,7 @@ from pipelines.segmentation.stages import (
     ERROR_STAGE,
     HAS_GT,
     STATUS,
+    STATUS_OK,
 )
 
 
@@ -124,16 +124,16 @@ def format_scales(scales: Sequence[float]) -> str:
     return ",".join(f"{s:g}" for s in scales)
 
 
-def evaluation_rows(cfg: SegmentConfig) -> list[tuple[str, str, bool, bool, str]]:
-    scales = format_scales(cfg.scales)
+def evaluation_rows(tta: TTASettings) -> list[tuple[str, str, bool, bool, str]]:
+    scales = format_scales(tta.scales)
     return [
         ("plain", "1", False, False, CM_PLAIN),
-        ("+ multi-scale + flip", scales, cfg.flip, False, CM_TTA),
-        ("+ dense CRF", scales, cfg.flip, True, CM_CRF),
+        ("+ multi-scale + flip", scales, tta.flip, False, CM_TTA),
+        ("+ dense CRF", scales, tta.flip, True, CM_CRF),
     ]
 
 
-def evaluation_table(tally: Tally, cfg: SegmentConfig, images: int,
+def evaluation_table(tally: Tally, tta: TTASettings, images: int,
                      crf_iterations: int) -> tuple[dict[str, dict], str]:
     """Metrics per variant and the Markdown table (mIoU, pixel accuracy) for --eval."""
     from deeplab_core.metrics import segmentation_metrics
@@ -142,7 +142,7 @@ def evaluation_table(tally: Tally, cfg: SegmentConfig, images: int,
         "| variant | scales | flip | CRF | mIoU | pixel acc | images |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, scales, flip, crf, column in evaluation_rows(cfg):
+    for name, scales, flip, crf, column in evaluation_rows(tta):
         result = segmentation_metrics(tally.cms[column])
         metrics[name] = result
         crf_text = f"yes ({crf_iterations} it)" if crf else "no"

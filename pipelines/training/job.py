@@ -34,15 +34,9 @@ from pipelines.common.cluster_paths import check_shared_paths, manifest_uris
 from pipelines.common.errors import InputError
 from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.data import streams
-from pipelines.data.storage import (
-    absolute_uri,
-    is_local,
-    join_uri,
-    protocol_of,
-    pyarrow_filesystem,
-    redact,
-    resolve_storage_options,
-)
+from pipelines.common.redaction import redact
+from pipelines.common.uris import absolute_uri, is_local, join_uri, protocol_of
+from pipelines.data.storage import pyarrow_filesystem, resolve_storage_options
 from pipelines.training.config import TrainConfig
 from pipelines.training.loop import LOOP_CONFIG_REF, train_loop_per_worker
 from pipelines.training.resume import check_resume

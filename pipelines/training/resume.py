@@ -15,7 +15,9 @@ from typing import Any
 
 from pipelines.common.config import flatten
 from pipelines.common.errors import InputError
-from pipelines.data.storage import get_fs, join_uri, redact
+from pipelines.common.redaction import redact
+from pipelines.common.uris import join_uri
+from pipelines.data.storage import get_fs
 from pipelines.training.config import TrainConfig
 
 FINGERPRINT_FILE = "deeplab_fingerprint.json"

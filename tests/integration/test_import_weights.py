@@ -15,7 +15,7 @@ import torch
 from deeplab_core.synthetic import SyntheticSpec
 from deeplab_core.weights import from_vainf
 from pipelines import import_weights, promote, segment
-from pipelines.common.checkpoints import load_model
+from pipelines.tracking import load_model
 from pipelines.data.synthetic import write_synthetic_voc
 from pipelines.promotion.policy import DEFAULT_ALIAS
 from pipelines.tracking import tracking_uri_set

@@ -18,7 +18,8 @@ from deeplab_core.synthetic import SyntheticSpec
 from deeplab_core.transforms import TrainTransform
 from pipelines.data.errors import read_errors
 from pipelines.data.manifest import read_manifest, write_manifest
-from pipelines.data.storage import get_fs, join_uri
+from pipelines.common.uris import join_uri
+from pipelines.data.storage import get_fs
 from pipelines.data.streams import eval_dataset, train_dataset, validate_manifest
 from pipelines.data.synthetic import write_synthetic_voc
 

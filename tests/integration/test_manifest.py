@@ -17,7 +17,8 @@ from pipelines.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from pipelines.data.storage import get_fs, join_uri
+from pipelines.common.uris import join_uri
+from pipelines.data.storage import get_fs
 from tests.helpers import put_placeholders
 
 

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from deeplab_core.synthetic import SyntheticSpec, render_scene
-from pipelines.data.storage import get_fs, join_uri
+from pipelines.common.uris import join_uri
+from pipelines.data.storage import get_fs
 from pipelines.data.synthetic import encode_scene
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.job import run_segmentation

@@ -203,7 +203,7 @@ def test_rerun_skips_every_finished_image(first_run, s3_options):
 
 
 def test_evaluate_model_agrees_with_the_job_table(first_run, checkpoint, manifest, s3_options):
-    from pipelines.common.checkpoints import load_model
+    from pipelines.tracking import load_model
     from pipelines.segmentation.evaluation import evaluate_model
 
     cfg, report, _ = first_run

@@ -13,7 +13,8 @@ from deeplab_core.palette import voc_palette
 from deeplab_core.synthetic import SyntheticSpec, render_scene
 from pipelines.data.decode import decode_image, decode_mask
 from pipelines.data.manifest import read_manifest
-from pipelines.data.storage import get_fs, join_uri
+from pipelines.common.uris import join_uri
+from pipelines.data.storage import get_fs
 from pipelines.data.synthetic import scene_seed, write_synthetic_voc
 
 SPEC = SyntheticSpec(height=48, width=64)

@@ -136,7 +136,7 @@ def test_training_on_s3_improves_miou_tracks_and_registers(ray_cluster, s3_bucke
     assert version.tags["val_manifest"] == outcome.val_manifest
 
     # The registered model loads back (weights_only) and predicts the right shape.
-    from pipelines.common.checkpoints import load_model
+    from pipelines.tracking import load_model
 
     mlflow.set_tracking_uri(tracking)
     model, meta = load_model(f"models:/deeplab/{outcome.model_version}")

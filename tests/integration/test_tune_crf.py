@@ -41,16 +41,24 @@ def registered(tmp_path, sqlite_tracking_uri):
     ckpt = save_checkpoint_dir(model, tmp_path / "ckpt", {"note": "untrained"})
     data = write_synthetic_voc(str(tmp_path / "data"), 0, 6, SPEC, seed=5)
     name = f"deeplab-{uuid.uuid4().hex[:8]}"
-    client = mlflow.MlflowClient(sqlite_tracking_uri)
-    client.create_registered_model(name)
-    run = client.create_run(client.create_experiment(name))
-    client.log_artifacts(run.info.run_id, str(ckpt), artifact_path="model")
-    client.set_terminated(run.info.run_id)
+    mlflow.MlflowClient(sqlite_tracking_uri).create_registered_model(name)
+    return _register_version(sqlite_tracking_uri, name, ckpt), data["val_manifest"], sqlite_tracking_uri
+
+
+def _register_version(tracking_uri: str, name: str, ckpt: Path) -> str:
+    """A new version of `name` holding the checkpoint directory `ckpt`: its models:/ URI."""
+    import mlflow
+
     from pipelines.tracking import WEIGHTS_TAG, file_sha256
 
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    run = client.create_run(experiment.experiment_id if experiment else client.create_experiment(name))
+    client.log_artifacts(run.info.run_id, str(ckpt), artifact_path="model")
+    client.set_terminated(run.info.run_id)
     version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
                                           tags={WEIGHTS_TAG: file_sha256(ckpt / "model.pt")})
-    return f"models:/{name}/{version.version}", data["val_manifest"], sqlite_tracking_uri
+    return f"models:/{name}/{version.version}"
 
 
 def _version_tags(model_uri: str, tracking_uri: str) -> dict[str, str]:
@@ -128,3 +136,44 @@ def test_grid_search_cli_then_segment_uses_the_tuned_set(ray_cluster, registered
     assert json.loads(rows[0]["crf_params"])["bi_w"] == 9.0
     assert json.loads(rows[0]["crf_params"])["bi_xy_std"] == tuned["bi_xy_std"]
     assert params["crf_source"] == "tuned+explicit" and float(params["crf_bi_w"]) == 9.0
+
+
+def test_evaluate_model_uses_the_versions_tuned_crf_set(ray_cluster, registered, tmp_path):
+    """evaluate_model (promotion's scorer) with crf=True runs a registered version's `crf.*` set,
+    as segment.py does; it used to resolve the parameters again without the tags (defaults)."""
+    import torch
+
+    from pipelines.common.checkpoints import save_checkpoint_dir
+    from pipelines.tracking import load_model
+    from pipelines.data.manifest import read_manifest
+    from pipelines.data.rows import RowDecoder
+    from pipelines.segmentation.evaluation import evaluate_model
+    from pipelines.segmentation.stages.plan import normalisation_of
+
+    first_uri, manifest, tracking_uri = registered
+    # The untrained network says one class everywhere, which no CRF changes: its classifier's bias
+    # is evened out over these images, so that every class appears and the CRF set matters.
+    with tracking.tracking_uri_set(tracking_uri):
+        model, meta = load_model(first_uri)
+    rows = read_manifest(manifest).to_pylist()
+    decoded = RowDecoder(None, SPEC.num_classes, 10**7, require_masks=False, read_masks=False).decode_rows(
+        [r["id"] for r in rows], [r["image_uri"] for r in rows])
+    from deeplab_core.transforms import normalize
+
+    batch = torch.stack([normalize(d.image, *normalisation_of(meta, model)) for d in decoded])
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == SPEC.num_classes][-1]
+    with torch.no_grad():
+        last.bias -= model.eval()(batch).mean((0, 2, 3))
+    name = first_uri.removeprefix("models:/").split("/")[0]
+    model_uri = _register_version(tracking_uri, name, save_checkpoint_dir(model, tmp_path / "balanced", meta))
+    tuned = CRFParams(bi_w=10.0, bi_xy_std=5.0, bi_rgb_std=40.0, pos_w=6.0, pos_xy_std=3.0)
+    options = dict(scales=(1.0,), crf=True, crf_backend="pydensecrf", batch_size=6)
+    with tracking.tracking_uri_set(tracking_uri):
+        defaults = evaluate_model(model_uri, manifest, **options)
+        tracking.set_model_version_tags(model_uri, crf_settings.tags_for(tuned, manifest, 0.5, 0.4))
+        by_tags = evaluate_model(model_uri, manifest, **options)
+        explicit = evaluate_model(model_uri, manifest, crf_params=tuned, **options)
+        explicit_defaults = evaluate_model(model_uri, manifest, crf_params=CRFParams(), **options)
+    assert explicit["mIoU"] != pytest.approx(defaults["mIoU"], abs=1e-6)  # the sets are told apart
+    assert by_tags["mIoU"] == explicit["mIoU"] and by_tags["pixel_acc"] == explicit["pixel_acc"]
+    assert explicit_defaults["mIoU"] == defaults["mIoU"]  # explicit parameters still win over the tags

@@ -45,7 +45,7 @@ def test_verbose_and_a_users_config_keep_ray_datas_logging(monkeypatch):
 
 
 def test_local_manifest_is_a_dataset_source_without_a_warning(tmp_path):
-    from pipelines.tracking import _dataset_source
+    from pipelines.tracking.runs import _dataset_source
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from deeplab_core.constants import CRFParams
 from deeplab_core.crf import dense_crf
 
 NUM_CLASSES = 3
@@ -49,7 +50,7 @@ def boundary_miou(pred: np.ndarray, gt: np.ndarray, width: int = 4) -> float:
 def test_no_pairwise_keeps_argmax():
     image, gt = piecewise_scene()
     probs = sloppy_probs(gt)
-    refined = dense_crf(image, probs, iterations=3, pos_w=0, bi_w=0)
+    refined = dense_crf(image, probs, params=CRFParams(iterations=3, pos_w=0, bi_w=0))
     assert refined.shape == probs.shape and refined.dtype == np.float32
     np.testing.assert_array_equal(refined.argmax(0), probs.argmax(0))
     # With no pairwise term mean-field is softmax(-unary), i.e. the input probabilities.
@@ -72,13 +73,13 @@ def test_non_square_image_keeps_layout():
     """Regions are asymmetric and the image is 60 x 90: swapping width and height either raises in
     pydensecrf or scrambles the pairwise neighbourhoods, so the refined labels would not match."""
     image, gt = piecewise_scene()
-    refined = dense_crf(image, sloppy_probs(gt, shift=1, sigma=1.0), iterations=5)
+    refined = dense_crf(image, sloppy_probs(gt, shift=1, sigma=1.0), params=CRFParams(iterations=5))
     assert refined.shape == (NUM_CLASSES, HEIGHT, WIDTH)
     assert (refined.argmax(0) == gt).mean() > 0.98
     # The transposed problem gives the transposed answer.
     image_t = np.ascontiguousarray(image.transpose(1, 0, 2))
     probs_t = np.ascontiguousarray(sloppy_probs(gt, shift=1, sigma=1.0).transpose(0, 2, 1))
-    refined_t = dense_crf(image_t, probs_t, iterations=5)
+    refined_t = dense_crf(image_t, probs_t, params=CRFParams(iterations=5))
     assert refined_t.shape == (NUM_CLASSES, WIDTH, HEIGHT)
     assert (refined_t.argmax(0) == gt.T).mean() > 0.98
 
@@ -87,13 +88,13 @@ def test_accepts_float16_read_only_and_non_contiguous_inputs():
     """The batch job hands over float16 probabilities and read-only arrays (Ray's object store)."""
     image, gt = piecewise_scene()
     probs = sloppy_probs(gt)
-    reference = dense_crf(image, probs, iterations=3)
-    flipped_back = dense_crf(image[:, ::-1][:, ::-1], probs.astype(np.float16), iterations=3)
+    reference = dense_crf(image, probs, params=CRFParams(iterations=3))
+    flipped_back = dense_crf(image[:, ::-1][:, ::-1], probs.astype(np.float16), params=CRFParams(iterations=3))
     np.testing.assert_allclose(flipped_back, reference, atol=2e-3)
     frozen_image, frozen_probs = image.copy(), probs.copy()
     frozen_image.flags.writeable = False
     frozen_probs.flags.writeable = False
-    np.testing.assert_array_equal(dense_crf(frozen_image, frozen_probs, iterations=3), reference)
+    np.testing.assert_array_equal(dense_crf(frozen_image, frozen_probs, params=CRFParams(iterations=3)), reference)
 
 
 @pytest.mark.parametrize(

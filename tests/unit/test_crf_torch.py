@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from deeplab_core.crf import MIN_PROB, dense_crf
+from deeplab_core.constants import MIN_PROB, CRFParams
+from deeplab_core.crf import dense_crf
 from deeplab_core.crf_torch import dense_crf_torch
 from deeplab_core.metrics import confusion_matrix, segmentation_metrics
 from deeplab_core.permutohedral import PermutohedralLattice
@@ -111,7 +112,7 @@ def test_miou_gain_matches_pydensecrf(voc_scene):
 def test_odd_sizes_and_parameters_match_pydensecrf(height, width, num_classes, params):
     image, gt = scene(height, width, num_classes, seed=height * width)
     probs = noisy_probs(gt, num_classes, seed=1, shift=1)
-    assert_matches(dense_crf(image, probs, backend="torch", **params), dense_crf(image, probs, **params))
+    assert_matches(dense_crf(image, probs, backend="torch", params=CRFParams(**params)), dense_crf(image, probs, params=CRFParams(**params)))
 
 
 def test_small_dark_image_matches_pydensecrf_lattice():
@@ -122,28 +123,28 @@ def test_small_dark_image_matches_pydensecrf_lattice():
     image = rng.integers(0, 40, (5, 5, 3)).astype(np.uint8)
     probs = rng.dirichlet(np.ones(3), (5, 5)).transpose(2, 0, 1).astype(np.float32)
     params = {"pos_w": 0, "bi_w": 10, "bi_xy_std": 2.3, "bi_rgb_std": 15, "iterations": 3}
-    np.testing.assert_allclose(dense_crf(image, probs, backend="torch", **params),
-                               dense_crf(image, probs, **params), atol=1e-4)
+    np.testing.assert_allclose(dense_crf(image, probs, backend="torch", params=CRFParams(**params)),
+                               dense_crf(image, probs, params=CRFParams(**params)), atol=1e-4)
 
 
 def test_zero_weights_give_the_renormalised_input():
     image, gt = scene(20, 30, 4)
     probs = noisy_probs(gt, 4)
     probs[0, :3, :3] = 0  # clipped to MIN_PROB, not -log(0)
-    refined = dense_crf(image, probs, backend="torch", pos_w=0, bi_w=0)
+    refined = dense_crf(image, probs, backend="torch", params=CRFParams(pos_w=0, bi_w=0))
     expected = np.clip(probs, MIN_PROB, 1) / np.clip(probs, MIN_PROB, 1).sum(0, keepdims=True)
     np.testing.assert_allclose(refined, expected, atol=1e-6)
-    assert not np.allclose(dense_crf(image, probs, backend="torch", bi_w=0), expected, atol=1e-3)
+    assert not np.allclose(dense_crf(image, probs, backend="torch", params=CRFParams(bi_w=0)), expected, atol=1e-3)
 
 
 def test_batch_equals_per_image_calls():
     scenes = [scene(24, 40, 6, seed=s) for s in range(3)]
     images = torch.from_numpy(np.stack([image for image, _ in scenes]))
     probs = torch.from_numpy(np.stack([noisy_probs(gt, 6, seed=s) for s, (_, gt) in enumerate(scenes)]))
-    batched = dense_crf_torch(images, probs, iterations=5)
+    batched = dense_crf_torch(images, probs, params=CRFParams(iterations=5))
     assert batched.shape == (3, 6, 24, 40) and batched.dtype == torch.float32
     for i in range(3):
-        single = dense_crf_torch(images[i:i + 1], probs[i:i + 1], iterations=5)
+        single = dense_crf_torch(images[i:i + 1], probs[i:i + 1], params=CRFParams(iterations=5))
         torch.testing.assert_close(batched[i:i + 1], single, rtol=0, atol=1e-6)
     # Images of a batch are independent: changing one leaves the others' results alone.
     assert not torch.allclose(batched[0], batched[1], atol=1e-2)
@@ -162,10 +163,10 @@ def test_device_matches_pydensecrf(device):
 def test_float16_read_only_and_flipped_inputs():
     image, gt = scene(30, 40, 3)
     probs = noisy_probs(gt, 3)
-    reference = dense_crf(image, probs, backend="torch", iterations=3)
+    reference = dense_crf(image, probs, backend="torch", params=CRFParams(iterations=3))
     frozen = image[:, ::-1][:, ::-1]
     frozen.flags.writeable = False
-    np.testing.assert_allclose(dense_crf(frozen, probs.astype(np.float16), backend="torch", iterations=3),
+    np.testing.assert_allclose(dense_crf(frozen, probs.astype(np.float16), backend="torch", params=CRFParams(iterations=3)),
                                reference, atol=2e-3)
 
 

@@ -9,7 +9,7 @@ and is skipped where they are missing (the GPU machine).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -157,22 +157,22 @@ def test_model_stage_replica_matches_job_stage(device: str) -> None:
     """bench/gpu_path.model_stage_outputs is what ModelStage computes (where ray and pyarrow exist)."""
     pytest.importorskip("pyarrow", reason="pyarrow not installed (GPU machine): checked where it is")
     pytest.importorskip("ray", reason="ray not installed (GPU machine): checked where it is")
-    from deeplab_core.constants import IMAGENET_MEAN, IMAGENET_STD
+    from deeplab_core.constants import IMAGENET_MEAN, IMAGENET_STD, TTASettings
     from pipelines.segmentation import stages
 
     setup = SETUPS[device]
     images = _images(setup, 2)
     model = prime_batchnorm(setup.model().to(device), synthetic_batch(4, *setup.image_hw)[0].to(device))
-    plan = stages.InferencePlan(num_classes=21, mean=IMAGENET_MEAN, std=IMAGENET_STD, scales=(0.5, 1.0), flip=True,
-                                fusion="mean", max_pixels=None, crf=True, crf_params=CRFParams(), crf_backend="pydensecrf", table=False,
+    plan = stages.InferencePlan(num_classes=21, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                tta=TTASettings(scales=(0.5, 1.0), flip=True), max_pixels=None, crf=True, crf_params=CRFParams(), crf_backend="pydensecrf", table=False,
                                 score=False, overlays=False, max_input_pixels=10**8, storage_options=None)
     n = len(images)
     batch = {stages.ID: np.array(["a", "b"], dtype=object), stages.URI: np.array(["", ""], dtype=object),
              stages.STATUS: np.array(["ok"] * n, dtype=object), stages.ERROR_STAGE: np.array([""] * n, dtype=object),
              stages.ERROR_REASON: np.array([""] * n, dtype=object), stages.SECONDS_DECODE: np.zeros(n),
-             stages.IMAGE: stages._object_array(images)}
+             stages.IMAGE: stages.object_array(images)}
     out = stages.ModelStage(model, plan, device, num_threads=1)(batch)
-    labels, probs = model_stage_outputs(model, images, plan.scales, plan.flip)
+    labels, probs = model_stage_outputs(model, images, plan.tta.scales, plan.tta.flip)
     assert list(out[stages.STATUS]) == ["ok", "ok"]
     for i in range(n):
         np.testing.assert_array_equal(out[stages.LABEL][i], labels[i])
@@ -188,7 +188,7 @@ def test_torch_crf_matches_pydensecrf(device: str) -> None:
     width, height, classes = SETUPS[device].crf_whc
     image, probs = make_inputs(Size(width, height, classes))
     params = CRFParams(iterations=5)
-    reference = dense_crf(image, probs, backend="pydensecrf", **asdict(params))
+    reference = dense_crf(image, probs, backend="pydensecrf", params=params)
     refined = crf_on_device([image], torch.from_numpy(probs)[None].to(device), params)
     assert refined.device.type == device
     refined = refined[0].cpu().numpy()

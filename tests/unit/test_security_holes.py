@@ -18,7 +18,7 @@ AZURE = "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=c2VjcmV0S2V5
 
 
 def test_secret_option_names_of_every_supported_store_are_redacted():
-    from pipelines.data.storage import REDACTED, redact
+    from pipelines.common.redaction import redact, REDACTED
 
     options = {
         "s3": {"key": "AKIAX", "secret": "s3cr3t", "token": "t0k3n", "client_kwargs": {"region_name": "x"}},
@@ -34,7 +34,7 @@ def test_secret_option_names_of_every_supported_store_are_redacted():
 
 
 def test_connection_strings_and_sas_urls_in_free_text_are_redacted():
-    from pipelines.data.storage import redact_urls
+    from pipelines.common.redaction import redact_urls
 
     line = f"cannot open {AZURE} or https://acct.blob.core.windows.net/c/m.parquet?sv=2024&sig=AbC%2Bd"
     shown = redact_urls(line)

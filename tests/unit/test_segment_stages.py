@@ -10,7 +10,8 @@ import torch
 from deeplab_core import build_model
 from deeplab_core.constants import CRFParams
 from deeplab_core.synthetic import SyntheticSpec, render_scene
-from pipelines.segmentation.job import crf_backend_for
+from deeplab_core.constants import TTASettings
+from deeplab_core.crf import choose_backend
 from pipelines.segmentation.stages import (
     CM_CRF,
     CM_TTA,
@@ -22,12 +23,13 @@ from pipelines.segmentation.stages import (
     InferencePlan,
     ModelStage,
     crf_stage,
+    score_stage,
 )
 
 
 def plan_for(backend: str) -> InferencePlan:
     return InferencePlan(num_classes=6, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                         scales=(0.75, 1.0), flip=True, fusion="mean", max_pixels=None, crf=True,
+                         tta=TTASettings(scales=(0.75, 1.0), flip=True), max_pixels=None, crf=True,
                          crf_params=CRFParams(iterations=5), crf_backend=backend, table=True, score=False,
                          overlays=False, max_input_pixels=10**7, storage_options=None)
 
@@ -53,16 +55,17 @@ def model():
 
 
 def test_auto_backend_is_torch_on_gpu_and_pydensecrf_on_cpu():
-    assert crf_backend_for("auto", gpu=True) == "torch"
-    assert crf_backend_for("auto", gpu=False) == "pydensecrf"
-    assert crf_backend_for("torch", gpu=False) == "torch"
+    assert choose_backend("auto", on_gpu=True) == "torch"
+    assert choose_backend("auto", on_gpu=False) == "pydensecrf"
+    assert choose_backend("torch", on_gpu=False) == "torch"
 
 
 def test_torch_crf_in_the_model_actor_matches_the_pydensecrf_stage(model):
-    torch_out = ModelStage(model, plan_for("torch"), "cpu", 1)(decoded_batch())
-    assert PROBS not in torch_out  # probabilities never leave the actor
-    pydense_out = crf_stage(ModelStage(model, plan_for("pydensecrf"), "cpu", 1)(decoded_batch()),
-                            plan_for("pydensecrf"))
+    torch_model_out = ModelStage(model, plan_for("torch"), "cpu", 1)(decoded_batch())
+    assert PROBS not in torch_model_out  # probabilities never leave the actor
+    torch_out = score_stage(torch_model_out, plan_for("torch"))
+    pydense_out = score_stage(crf_stage(ModelStage(model, plan_for("pydensecrf"), "cpu", 1)(decoded_batch()),
+                                        plan_for("pydensecrf")), plan_for("pydensecrf"))
     torch_labels = np.stack(list(torch_out[LABEL]))
     pydense_labels = np.stack(list(pydense_out[LABEL]))
     # pydensecrf gets float16 probabilities across the object store; the torch path float32.

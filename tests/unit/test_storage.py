@@ -7,14 +7,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
+from pipelines.common.redaction import redact
 from pipelines.data.storage import (
-    StorageError,
     check_access,
     get_fs,
     merge_storage_options,
     pyarrow_filesystem,
-    redact,
     storage_options_from_env,
+    StorageError,
     write_table,
 )
 

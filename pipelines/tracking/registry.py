@@ -1,0 +1,80 @@
+"""The model registry: model URIs (pinning an alias to its version, downloading), a version's
+tags and its registered weights digest.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from pipelines.common.errors import InputError
+from pipelines.common.uris import WEIGHTS_TAG
+
+def registered_weights_sha256(model_uri: str, client=None) -> str | None:
+    """The `weights.sha256` tag of the registered version a `models:/name/<version>` or
+    `models:/name@alias` URI names (current tracking URI, or `client`'s); None for other URIs
+    (`runs:/`, paths: not registered). Raises InputError for a version without the tag."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([^/]+))", model_uri)
+    if match is None:
+        return None
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    name, number, alias = match.groups()
+    version = (client.get_model_version(name, number) if number
+               else client.get_model_version_by_alias(name, alias))
+    expected = (version.tags or {}).get(WEIGHTS_TAG)
+    if not expected:
+        raise InputError(f"version {version.version} of {name!r} has no {WEIGHTS_TAG} tag (registered before "
+                         "weight checks): check its model.pt and tag it (docs/operations.md, weight integrity)")
+    return expected
+
+
+@contextmanager
+def downloaded_model(uri: str) -> Iterator[str]:
+    """A local directory holding the artifacts of a `models:/` or `runs:/` URI (current tracking
+    URI), removed after the block."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        yield mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+
+
+def resolve_model_uri(uri: str) -> str:
+    """`models:/name@alias` -> `models:/name/<version>`, so every worker loads the same version
+    even if the alias moves during a run. Other URIs are returned unchanged."""
+    match = re.fullmatch(r"models:/([^/@]+)@([^/]+)", uri)
+    if match is None:
+        return uri
+    import mlflow
+
+    version = mlflow.MlflowClient().get_model_version_by_alias(match.group(1), match.group(2))
+    return f"models:/{match.group(1)}/{version.version}"
+
+
+def _version_of(model_uri: str) -> tuple[str, str]:
+    """`models:/name/<version>` -> (name, version); aliases must be resolved first."""
+    match = re.fullmatch(r"models:/([^/@]+)/(\d+)", model_uri)
+    if match is None:
+        raise ValueError(f"expected models:/<name>/<version>, got {model_uri!r}")
+    return match.group(1), match.group(2)
+
+
+def model_version_tags(model_uri: str) -> dict[str, str]:
+    """The tags of the registered version `models:/name/<version>` (current tracking URI)."""
+    import mlflow
+
+    name, version = _version_of(model_uri)
+    return dict(mlflow.MlflowClient().get_model_version(name, version).tags or {})
+
+
+def set_model_version_tags(model_uri: str, tags: Mapping[str, str]) -> None:
+    """Tags on the registered version `models:/name/<version>` (current tracking URI)."""
+    import mlflow
+
+    name, version = _version_of(model_uri)
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
