@@ -12,7 +12,8 @@ install: $(STAMP)
 # torch/torchvision first and pinned (constraints.txt). PyPI's Linux torch wheels are CUDA builds
 # (they run on CPU too): the venv is ~6.8 GB, 3.2 GB of it the nvidia/ CUDA libraries; PyPI has no
 # CPU-only Linux wheel of this torch.
-# constraints.txt pins the rest to versions known to resolve together (DESIGN.md section 8).
+# constraints.txt pins the rest to versions known to resolve together (mlflow 3.17.x; boto3/botocore
+# in the range aiobotocore accepts, else pip backtracks for a long time).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -205,7 +205,7 @@ def child(args: argparse.Namespace) -> None:
 
     from deeplab_core.models import build_model
     from deeplab_core.synthetic import SyntheticSpec, render_scene
-    from pipelines.common.checkpoints import save_checkpoint_dir
+    from pipelines.data.checkpoints import save_checkpoint_dir
     from pipelines.common.uris import join_uri
     from pipelines.data.storage import get_fs
     from pipelines.data.synthetic import encode_scene

@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import replace_section  # noqa: E402
+from deeplab_core.constants import CRFParams  # noqa: E402
 from deeplab_core.models import build_model  # noqa: E402
 from deeplab_core.synthetic import SyntheticSpec, render_scene  # noqa: E402
 from deeplab_core.transforms import normalize  # noqa: E402
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if "pipeline" in stages:
         from PIL import Image
 
-        from pipelines.common.checkpoints import save_checkpoint_dir
+        from pipelines.data.checkpoints import save_checkpoint_dir
 
         start_ray()
 

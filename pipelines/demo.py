@@ -20,8 +20,7 @@ if __package__ in (None, ""):  # run as a file (`python pipelines/demo.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines import promote, segment, train, tune_crf  # noqa: E402
-
-TRACKING_URI = "sqlite:///mlflow.db"
+from pipelines.common.uris import DEFAULT_TRACKING_URI as TRACKING_URI  # noqa: E402
 OUTPUT = "outputs/demo"
 # Test scales for a model trained on 64 px crops of 96x128 images (docs/data.md, "Demo
 # calibration"): 0.75-1.25 beat 0.75-1 there; 0.5 would leave the OS-16 network 3 feature cells on

@@ -21,7 +21,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (`ray job submit ... python pipelines/import_dataset.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.data import manifest  # noqa: E402
+from pipelines.common.cli import add_common_flags, run_main  # noqa: E402
+from pipelines.common.errors import EXIT_OK, InputError  # noqa: E402
+from pipelines.data import importers  # noqa: E402
+from pipelines.data.manifest import read_manifest  # noqa: E402
 from pipelines.data.storage import check_access  # noqa: E402
 
 
@@ -30,7 +33,7 @@ def _parse_storage_options(pairs: Sequence[str]) -> dict:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise SystemExit(f"--storage-option expects name=value, got {name!r}")
+            raise InputError(f"--storage-option expects name=value, got {name!r}")
         try:
             options[name] = json.loads(value)  # numbers, booleans, nested client_kwargs
         except ValueError:
@@ -70,11 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--num-train", type=int, required=True)
     synthetic.add_argument("--num-val", type=int, required=True)
     synthetic.add_argument("--seed", type=int, default=0)
+    add_common_flags(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        run(args)
+        return EXIT_OK
+
+    return run_main("import_dataset.py", body, debug=args.debug, argv=argv, verbose=args.verbose)
+
+
+def run(args: argparse.Namespace | Sequence[str]) -> dict:
+    """Imports as the parsed (or raw) arguments say; prints and returns the result as a dict."""
+    if not isinstance(args, argparse.Namespace):
+        args = build_parser().parse_args(args)
     options = _parse_storage_options(args.storage_option) or None
     if args.layout == "synthetic":
         from pipelines.data.synthetic import write_synthetic_voc
@@ -87,13 +103,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         check_access(source, options, must_exist=True)
         check_access(args.out, options)
         if args.layout == "voc":
-            uri = manifest.import_voc(args.root, args.split, args.out, options, mask_dir=args.mask_dir)
+            uri = importers.import_voc(args.root, args.split, args.out, options, mask_dir=args.mask_dir)
         elif args.layout == "cityscapes":
-            uri = manifest.import_cityscapes(args.root, args.split, args.out, options)
+            uri = importers.import_cityscapes(args.root, args.split, args.out, options)
         else:
-            uri = manifest.import_folders(args.images, args.masks, args.out, options,
+            uri = importers.import_folders(args.images, args.masks, args.out, options,
                                           strict=args.strict)
-        table = manifest.read_manifest(uri, options)
+        table = read_manifest(uri, options)
         result = {"manifest": uri, "rows": table.num_rows,
                   "rows_without_mask": table.column("mask_uri").null_count}
     print(json.dumps(result))
@@ -101,4 +117,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

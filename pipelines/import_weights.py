@@ -24,9 +24,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (`ray job submit ... python pipelines/import_weights.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common.cli import add_common_flags, run_main  # noqa: E402
+from pipelines.common.cli import add_common_flags, field_help, run_main  # noqa: E402
 from pipelines.common.config import flag_labels, load_config  # noqa: E402
-from pipelines.promotion.importing import (  # noqa: E402
+from pipelines.promotion.weights_import import (  # noqa: E402
     IMPORTERS,
     ImportWeightsConfig,
     flag,
@@ -54,22 +54,16 @@ def _kinds_epilog() -> str:
     return "\n".join(lines)
 
 
-def _help(name: str) -> str:
-    field = ImportWeightsConfig.model_fields[name]
-    default = field.get_default() if not field.is_required() else None
-    return (field.description or name.replace("_", " ")) + ("" if default is None else f" (default: {default})")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="import_weights.py", description=__doc__.splitlines()[0], epilog=_kinds_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=list(IMPORTERS), help="program that wrote SOURCE")
-    parser.add_argument("source", metavar="SOURCE", help=_help("source"))
-    parser.add_argument("--num-classes", dest="num_classes", type=int, required=True, help=_help("num_classes"))
+    parser.add_argument("source", metavar="SOURCE", help=field_help(ImportWeightsConfig, "source"))
+    parser.add_argument("--num-classes", dest="num_classes", type=int, required=True, help=field_help(ImportWeightsConfig, "num_classes"))
     for name, (option, metavar) in FLAGS.items():
         parser.add_argument(option, dest=name, metavar=metavar, default=None,
-                            type=int if name == "output_stride" else str, help=_help(name))
+                            type=int if name == "output_stride" else str, help=field_help(ImportWeightsConfig, name))
     parser.add_argument("--no-pytorch-flavor", dest="pytorch_flavor", action="store_false",
                         help="register the pyfunc model only (skips the torch.export of the network)")
     add_common_flags(parser)

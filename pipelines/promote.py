@@ -17,9 +17,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (`ray job submit ... python pipelines/promote.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common.config import ConfigError, flag_labels, load_config  # noqa: E402
+from pipelines.common.cli import add_common_flags, field_help, run_main  # noqa: E402
+from pipelines.common.config import flag_labels, load_config  # noqa: E402
 from pipelines.promotion.job import PromoteConfig  # noqa: E402
-from pipelines.promotion.policy import EXIT_ERROR, EXIT_USAGE  # noqa: E402
 
 EPILOG = """\
 exit codes:
@@ -42,11 +42,6 @@ VALUE_FLAGS = ("model", "candidate", "metric", "min_improvement", "val_manifest"
 SWITCHES = ("lower_is_better", "dry_run")
 
 
-def _help(name: str) -> str:
-    field = PromoteConfig.model_fields[name]
-    return f"{field.description} (default: {field.default})"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="promote.py", description=__doc__.splitlines()[0], epilog=EPILOG,
@@ -54,34 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of PromoteConfig fields")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     for name in VALUE_FLAGS:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=_help(name))
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=field_help(PromoteConfig, name))
     for name in SWITCHES:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, action="store_const", const=True,
-                            default=None, help=_help(name))
+                            default=None, help=field_help(PromoteConfig, name))
+    add_common_flags(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     values = {name: getattr(args, name) for name in (*VALUE_FLAGS, *SWITCHES) if getattr(args, name) is not None}
-    try:
-        cfg = load_config(PromoteConfig, args.config, args.overrides, values, flag_labels(values))
-    except ConfigError as exc:
-        print(f"promote: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    from pipelines.promotion.job import run_promotion
-    from pipelines.promotion.registry import PromotionError
 
-    try:
-        decision = run_promotion(cfg)
-    except PromotionError as exc:
-        print(f"promote: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except Exception as exc:  # noqa: BLE001 - e.g. the evaluation failed: one line, exit 1
-        print(f"promote: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    print(decision.summary(), flush=True)
-    return decision.exit_code
+    def body() -> int:
+        cfg = load_config(PromoteConfig, args.config, args.overrides, values, flag_labels(values))
+        from pipelines.promotion.job import run_promotion
+
+        decision = run_promotion(cfg)  # PromotionError: its own exit code (the table above)
+        print(decision.summary(), flush=True)
+        return decision.exit_code
+
+    return run_main("promote", body, debug=args.debug, argv=argv, verbose=args.verbose)
 
 
 if __name__ == "__main__":

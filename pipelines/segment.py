@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file (`ray job submit ... python pipel
 
 from pipelines.common.cli import add_common_flags, field_help, run_main  # noqa: E402
 from pipelines.common.config import flag_labels, load_config  # noqa: E402
-from pipelines.common.redaction import redact_urls  # noqa: E402
+from pipelines.common.errors import EXIT_FAILED, EXIT_OK  # noqa: E402
 from pipelines.segmentation.config import SegmentConfig  # noqa: E402
 from pipelines.segmentation.flags import add_crf_flags, add_tta_flags, crf_values, tta_values  # noqa: E402
 
@@ -37,7 +37,6 @@ from pipelines.segmentation.flags import add_crf_flags, add_tta_flags, crf_value
 FLAGS = ("model", "input", "output", "max_pixels", "batch_size", "num_model_actors",
          "cpus_per_model_actor", "crf_workers", "crf_backend", "device", "since", "tracking_uri", "experiment",
          "max_attempts", "crash_limit", "lease_ttl_s", "lease_wait_s")
-EXIT_BUSY = 3  # another run holds the output's lease: nothing was done
 
 
 
@@ -83,14 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     def segment() -> int:
         cfg = config_from_args(args)
         from pipelines.segmentation.job import run_segmentation
-        from pipelines.segmentation.lease import LeaseBusy
 
-        try:
-            report = run_segmentation(cfg, verbose=args.verbose)
-        except LeaseBusy as busy:
-            print(f"segment.py: busy: {redact_urls(str(busy))}", file=sys.stderr)
-            return EXIT_BUSY
-        return 1 if args.strict and report.errors else 0
+        report = run_segmentation(cfg, verbose=args.verbose)  # a busy lease: LeaseBusy, exit 3
+        return EXIT_FAILED if args.strict and report.errors else EXIT_OK
 
     return run_main("segment.py", segment, debug=args.debug, argv=argv, verbose=args.verbose)
 

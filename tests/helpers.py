@@ -20,7 +20,7 @@ def untrained_checkpoint(folder, num_classes: int) -> str:
     import torch
 
     from deeplab_core.models import build_model
-    from pipelines.common.checkpoints import save_checkpoint_dir
+    from pipelines.data.checkpoints import save_checkpoint_dir
 
     torch.manual_seed(0)
     model = build_model("deeplabv3plus", backbone="mobilenetv2", num_classes=num_classes,

@@ -5,7 +5,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .aspp import ASPP, SeparableConv2d, conv_bn_relu, resize
+from .aspp import ASPP
+from .ops import SeparableConv2d, conv_bn_relu, resize
 
 
 DECODER_CONCAT = ("aspp_first", "low_first")

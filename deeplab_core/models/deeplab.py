@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .aspp import resize
+from .ops import resize
 
 
 class DeepLab(nn.Module):

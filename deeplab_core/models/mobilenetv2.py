@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from torchvision.models import mobilenet_v2
 from torchvision.models.mobilenetv2 import InvertedResidual
 
-from .aspp import set_dilation
+from .ops import set_dilation
 from .vgg import TorchvisionFeatures
 
 _LOW, _OUT = 3, 17  # stride-4 block, last block

@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.models._utils import IntermediateLayerGetter
 
-from .aspp import set_dilation
+from .ops import set_dilation
 
 # "low": stride 4 (v3+ decoder), "aux": layer3 (FCN auxiliary head), "out": the last stage.
 RETURN_LAYERS = {"layer1": "low", "layer3": "aux", "layer4": "out"}

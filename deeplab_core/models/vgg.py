@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torchvision.models import vgg
 from torchvision.models._utils import IntermediateLayerGetter
 
-from .aspp import set_dilation
+from .ops import set_dilation
 
 _STRIDED_POOLS = (4, 9, 16)
 _UNSTRIDED_POOLS = (23, 30)

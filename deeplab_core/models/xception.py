@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from .aspp import SeparableConv2d
+from .ops import SeparableConv2d
 
 # Per output stride: stride of entry block 3, rate of the middle flow, of the exit block, of the
 # exit separable convs.

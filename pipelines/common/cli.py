@@ -1,7 +1,9 @@
-"""How every entry script ends: one line on stderr for a failure, the traceback only with --debug.
+"""The one skeleton of every entry script: flags derived from its config (`field_help`), the
+common flags, and `run_main`: one line on stderr for a failure, the traceback only with --debug.
 
-Exit codes: 0 success, 2 a whole-input or usage error (`InputError`: the message names the file or
-URI and what to do), 1 anything else. URIs in messages have their passwords redacted.
+Exit codes (the table is pipelines/common/errors.py): 0 success, 2 a whole-input or usage error
+(`InputError`: the message names the file or URI and what to do), a `JobExit`'s own code (a busy
+lease 3, promotion's 3 and 4), 1 anything else. URIs in messages have their passwords redacted.
 """
 
 from __future__ import annotations
@@ -14,17 +16,15 @@ from collections.abc import Callable, Sequence
 from pydantic import BaseModel
 
 from pipelines.common.console import quiet_mlflow
-from pipelines.common.errors import EXIT_USAGE, InputError, describe_failure
+from pipelines.common.errors import EXIT_FAILED, EXIT_USAGE, InputError, JobExit, describe_failure
 from pipelines.common.redaction import redact_urls, url_passwords
-
-EXIT_FAILED = 1
 
 
 def field_help(config: type[BaseModel], name: str) -> str:
     """A flag's help: the config field's description and its default (the config's, written once)."""
     field = config.model_fields[name]
-    default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)})"
-    return (field.description or name.replace("_", " ")) + default
+    default = None if field.is_required() else field.get_default(call_default_factory=True)
+    return (field.description or name.replace("_", " ")) + ("" if default is None else f" (default: {default})")
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -53,10 +53,17 @@ def run_main(prog: str, body: Callable[[], int], debug: bool = False, argv: Sequ
     except Exception as err:  # noqa: BLE001 - the top of the job: report, don't dump
         if debug:
             print(_scrubbed(traceback.format_exc(), secrets), file=sys.stderr, end="")
-        elif isinstance(err, InputError):
+        elif isinstance(err, (InputError, JobExit)):
             message = _scrubbed(" ".join(str(err).split()), secrets)[:_MESSAGE_CHARS]
-            print(f"{prog}: error: {message}", file=sys.stderr)
+            print(f"{prog}: {getattr(err, 'label', 'error')}: {message}", file=sys.stderr)
         else:
             message = _scrubbed(describe_failure(err), secrets)[:_MESSAGE_CHARS]
             print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr)
-        return EXIT_USAGE if isinstance(err, InputError) else EXIT_FAILED
+        return exit_code_of(err)
+
+
+def exit_code_of(err: BaseException) -> int:
+    """The exit code of a failure: a JobExit's own, EXIT_USAGE for an InputError, else EXIT_FAILED."""
+    if isinstance(err, JobExit):
+        return err.exit_code
+    return EXIT_USAGE if isinstance(err, InputError) else EXIT_FAILED

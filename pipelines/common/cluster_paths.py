@@ -15,8 +15,7 @@ are on a filesystem every node mounts at the same place (NFS): `--shared-fs` (tr
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 from pipelines.common.errors import InputError
 from pipelines.common.redaction import redact_urls
@@ -106,17 +105,3 @@ def check_shared_paths(paths: Mapping[str, str | None], tracking: Mapping[str, s
     message = refusal(named, {name: uri for name, uri in (tracking or {}).items() if uri}, cluster)
     if message:
         raise InputError(message)
-
-
-def manifest_uris(manifests: Sequence[str], storage_options: Mapping[str, Any] | None,
-                  columns: Sequence[str] = ("image_uri", "mask_uri")) -> Iterable[tuple[str, str]]:
-    """(`<manifest> row <id>`, URI) for the file URIs inside `manifests`, read lazily."""
-    from pipelines.data.manifest import read_manifest
-
-    for manifest in manifests:
-        table = read_manifest(manifest, storage_options)
-        ids = table.column("id").to_pylist()
-        for column in columns:
-            if column in table.column_names:
-                for row_id, uri in zip(ids, table.column(column).to_pylist()):
-                    yield f"{redact_urls(manifest)} row {row_id} {column}", uri

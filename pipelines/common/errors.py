@@ -9,12 +9,26 @@ from __future__ import annotations
 
 import re
 
-EXIT_USAGE = 2
+# The exit codes of every entry script, in one table (pipelines/common/cli.py: run_main).
+EXIT_OK = 0  # done (promote.py: promoted, or the candidate already is the champion)
+EXIT_FAILED = 1  # anything else: a failed stage, an unreachable server (segment.py --strict: error rows)
+EXIT_USAGE = 2  # unusable input, output, model or arguments (InputError), before any work starts
+EXIT_BUSY = 3  # segment.py: another run holds the output's lease; nothing was done
+EXIT_REJECTED = 3  # promote.py: the champion stays (not an error; cron can tell it apart)
+EXIT_UNRELIABLE = 4  # promote.py: an evaluation with too many failed rows; nothing moved
 FAILURE_ATTR = "deeplab_failure"  # set by remember_failure
 
 
 class InputError(ValueError):
     """A whole-input problem; the message names the file or URI and what to do."""
+
+
+class JobExit(Exception):
+    """A failure an entry script reports as one line `<prog>: <label>: <message>` with its own exit
+    code (e.g. promotion's, a busy lease)."""
+
+    exit_code = EXIT_FAILED
+    label = "error"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

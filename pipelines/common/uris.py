@@ -36,6 +36,13 @@ def absolute_uri(uri: str) -> str:
 # load compares it with the bytes it read, so weights replaced in the artifact store are refused.
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 WEIGHTS_TAG = "weights.sha256"
+# MLflow where no server is given (embedded defaults: a fresh clone runs with no servers).
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(explicit: str | None) -> str:
+    """The tracking URI a registry command uses: the flag, else $MLFLOW_TRACKING_URI, else the default."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def is_registry_uri(uri: str) -> bool:

@@ -26,7 +26,7 @@ class ErrorRecord:
     """One input that could not be used: which row, which file, at which stage, and why.
 
     ``stage`` is ``"read"`` (the file could not be fetched), ``"image"`` / ``"mask"`` (decoding or
-    validation failed, see ``pipelines.decode.BadInput``), or a job-specific later stage.
+    validation failed, see ``pipelines.data.decode.BadInput``), or a job-specific later stage.
     """
 
     id: str

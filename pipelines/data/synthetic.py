@@ -5,7 +5,7 @@
     {root}/JPEGImages/synth_000000.jpg            RGB JPEG
     {root}/SegmentationClass/synth_000000.png     palette PNG, VOC colours, 255 = ignore band
     {root}/ImageSets/Segmentation/{train,val}.txt
-    {root}/manifests/{train,val}.parquet          via manifest.import_voc
+    {root}/manifests/{train,val}.parquet          via importers.import_voc
     {root}/synthetic.json                         the parameters; written last
 
 Generation is idempotent: when ``synthetic.json`` holds the same parameters and the split files and
@@ -30,7 +30,7 @@ import numpy as np
 
 from deeplab_core.palette import colorize
 from deeplab_core.synthetic import SyntheticSpec, render_scene
-from pipelines.data.manifest import import_voc
+from pipelines.data.importers import import_voc
 from pipelines.common.uris import absolute_uri, join_uri
 from pipelines.data.storage import get_fs, make_parent_dirs
 

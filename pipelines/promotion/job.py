@@ -14,16 +14,18 @@ the new champion. Aliases only, never the deprecated stages API.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
+import sys
+import tempfile
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 
 from pipelines.common.config import Section
-from pipelines.common.redaction import redact_urls
+from pipelines.common.uris import DEFAULT_TRACKING_URI, resolve_tracking_uri
 from pipelines.tracking import fail_fast_http
 from pipelines.promotion.policy import (
     DEFAULT_ALIAS,
@@ -34,18 +36,23 @@ from pipelines.promotion.policy import (
     decide,
     utc_now,
 )
-from pipelines.promotion.registry import (
+from pipelines.tracking.promotion import (
     Evaluator,
     PromotionError,
     UsageError,
     alias_target,
     champion_version,
+    checked_checkpoint,
+    default_client,
     metric_on_manifest,
-    mlflow_evaluator,
+    move_alias,
+    open_client,
     promotion_lock,
     reference_manifest,
     registry_errors,
+    reread_version,
     resolve_candidate,
+    tag_version,
 )
 
 if TYPE_CHECKING:
@@ -53,7 +60,6 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 DEFAULT_MODEL = "deeplab"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the embedded default of the training job
 
 
 class PromoteConfig(Section):
@@ -91,7 +97,22 @@ class PromoteConfig(Section):
                                max_error_share=self.max_error_share)
 
     def resolved_tracking_uri(self) -> str:
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        return resolve_tracking_uri(self.tracking_uri)
+
+
+def mlflow_evaluator(client: "MlflowClient") -> Evaluator:
+    """pipelines.segmentation.evaluation.evaluate_model (plain single-scale inference, as in
+    training's validation) on a registered version, downloaded through `client`."""
+
+    def evaluate(model_uri: str, manifest_uri: str) -> Mapping[str, float]:
+        from pipelines.segmentation.evaluation import evaluate_model
+
+        print(f"promote: evaluating {model_uri} on {manifest_uri}", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix="promote-") as tmp:
+            # The private temporary folder is ours alone: the file checked is the file evaluated.
+            return evaluate_model(checked_checkpoint(client, model_uri, tmp), manifest_uri)
+
+    return evaluate
 
 
 def promote(name: str, candidate: str = "latest", *, client: "MlflowClient | None" = None,
@@ -107,9 +128,7 @@ def promote(name: str, candidate: str = "latest", *, client: "MlflowClient | Non
     `dry_run`, decide (evaluating if needed) but change nothing in the registry. Raises UsageError
     (unknown model/version, no manifest to evaluate on) or PromotionError.
     """
-    from mlflow import MlflowClient
-
-    client = client or MlflowClient()
+    client = client or default_client()
     evaluate = evaluate or mlflow_evaluator(client)
     with registry_errors(client.tracking_uri):
         cand = resolve_candidate(client, name, candidate)
@@ -117,7 +136,7 @@ def promote(name: str, candidate: str = "latest", *, client: "MlflowClient | Non
             raise UsageError(f"version {cand.version} of {name!r} is {cand.status}, not READY")
         for round_ in range(max_rounds):
             if round_:
-                cand = client.get_model_version(name, cand.version)  # tags recorded last round
+                cand = reread_version(client, cand)  # tags recorded last round
             champ = champion_version(client, name, policy.alias)
             decision = _compare(client, name, cand, champ, policy, val_manifest, evaluate, dry_run)
             if dry_run:
@@ -128,9 +147,8 @@ def promote(name: str, candidate: str = "latest", *, client: "MlflowClient | Non
                 decision = replace(decision, time=utc_now())  # when it took effect
                 if decision.outcome != "unchanged":
                     if decision.promoted:
-                        client.set_registered_model_alias(name, policy.alias, cand.version)
-                    for key, value in decision.tags().items():  # a password in a manifest URI stays out
-                        client.set_model_version_tag(name, cand.version, key, redact_urls(value))
+                        move_alias(client, name, policy.alias, cand.version)
+                    tag_version(client, name, cand.version, decision.tags())
                 after = alias_target(client, name, policy.alias)
                 expected = str(cand.version) if decision.promoted else _version_of(champ)
                 if after != expected:
@@ -173,10 +191,6 @@ def run_promotion(cfg: PromoteConfig) -> Decision:
     fail_fast_http()
     tracking_uri = cfg.resolved_tracking_uri()
     _check_local_database(tracking_uri)
-    from mlflow import MlflowClient
-
-    for noisy in ("mlflow", "alembic"):  # after the import, which sets mlflow's to INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=cfg.registry_uri)
+    client = open_client(tracking_uri, cfg.registry_uri)
     return promote(cfg.model, cfg.candidate, client=client, policy=cfg.policy,
                    val_manifest=cfg.val_manifest, dry_run=cfg.dry_run, lock_timeout_s=cfg.lock_timeout)

@@ -1,4 +1,4 @@
-"""The promotion decision, pure: no MLflow, no I/O. Given two metric values and a policy, which
+"""The promotion decision, pure: no MLflow calls, no I/O. Given two metric values and a policy, which
 version holds the alias, and why (the record written on the candidate as `promotion.*` tags)."""
 
 from __future__ import annotations
@@ -7,15 +7,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
 
+from pipelines.common.errors import EXIT_OK, EXIT_REJECTED
+from pipelines.tracking.promotion import TAG_PREFIX  # light: mlflow is imported only by its calls
+
 DEFAULT_ALIAS = "champion"
 DEFAULT_METRIC = "val_mIoU"
-TAG_PREFIX = "promotion."
 
-EXIT_PROMOTED = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_REJECTED = 3
-EXIT_UNRELIABLE = 4  # an evaluation with too many failed rows: nothing to judge the candidate on
 DEFAULT_MAX_ERROR_SHARE = 0.01
 
 
@@ -68,7 +65,7 @@ class Decision:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_PROMOTED if self.promoted else EXIT_REJECTED
+        return EXIT_OK if self.promoted else EXIT_REJECTED
 
     def tags(self) -> dict[str, str]:
         """The decision record written on the candidate version."""

@@ -29,14 +29,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from pipelines.common.errors import EXIT_BUSY, JobExit
 from pipelines.common.uris import is_local, join_uri
 from pipelines.data.storage import get_fs, make_parent_dirs, write_atomically
 
 LEASE_DIR = "_lease"
 
 
-class LeaseBusy(RuntimeError):
-    """Another live run holds the lease on this output."""
+class LeaseBusy(JobExit, RuntimeError):
+    """Another live run holds the lease on this output (segment.py exits EXIT_BUSY: nothing done)."""
+
+    exit_code, label = EXIT_BUSY, "busy"
 
 
 class LeaseLost(RuntimeError):

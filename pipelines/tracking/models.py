@@ -129,7 +129,7 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, regis
     import mlflow
     from mlflow.models import Model
 
-    from pipelines.common.checkpoints import model_from_checkpoint_file
+    from pipelines.data.checkpoints import model_from_checkpoint_file
 
     mlflow.set_tracking_uri(tracking_uri)
     weights_sha256 = file_sha256(model_file)
@@ -145,7 +145,7 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, regis
             flavor=_PYFUNC_AND_PYTORCH,
             torch_model=torch_model,
             signature=_image_signature(),
-            python_model=str(_REPO_ROOT / "pipelines" / "common" / "pyfunc_model.py"),
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={"checkpoint": str(model_file)},
             model_config={WEIGHTS_TAG: weights_sha256},  # the pyfunc checks its checkpoint on load
             code_paths=[str(_REPO_ROOT / "deeplab_core"), str(_REPO_ROOT / "pipelines")],
@@ -219,7 +219,7 @@ def load_model(uri: str, map_location: str | torch.device = "cpu",
     current tracking URI), a checkpoint directory or a `model.pt` file on any fsspec URI.
     A registered version's weights must match its `weights.sha256` tag (WeightsMismatch).
     """
-    from pipelines.common.checkpoints import checkpoint_file_in, load_checkpoint, model_from_checkpoint_file
+    from pipelines.data.checkpoints import checkpoint_file_in, load_checkpoint, model_from_checkpoint_file
 
     if is_registry_uri(uri):
         expected = registered_weights_sha256(uri)

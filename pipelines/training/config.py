@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from deeplab_core.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from pipelines.common.uris import DEFAULT_TRACKING_URI
 from pipelines.common.config import Section, load_config
 
 
@@ -124,7 +125,7 @@ class RunSection(Section):
 
 
 class TrackingSection(Section):
-    tracking_uri: str | None = "sqlite:///mlflow.db"  # None: no MLflow records
+    tracking_uri: str | None = DEFAULT_TRACKING_URI  # None: no MLflow records
     experiment: str = "deeplab"
     registered_model: str | None = "deeplab"
     # Also log the model as a torch.export program (mlflow.pytorch.load_model); ~10 s per export.

@@ -29,8 +29,9 @@ from ray.train.torch import TorchTrainer
 
 from deeplab_core.transforms import TrainTransform
 from pipelines import tracking
-from pipelines.common.checkpoints import MODEL_FILE
-from pipelines.common.cluster_paths import check_shared_paths, manifest_uris
+from pipelines.data.checkpoints import MODEL_FILE
+from pipelines.common.cluster_paths import check_shared_paths
+from pipelines.data.manifest import manifest_uris
 from pipelines.common.errors import InputError
 from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.data import streams

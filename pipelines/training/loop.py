@@ -29,7 +29,7 @@ from torch import nn
 from deeplab_core import PolyLRScheduler, SegmentationLoss, build_model, param_groups
 from deeplab_core.metrics import confusion_matrix, segmentation_metrics
 from deeplab_core.transforms import normalize
-from pipelines.common.checkpoints import (
+from pipelines.data.checkpoints import (
     MODEL_FILE,
     TRAIN_STATE_FILE,
     model_payload,

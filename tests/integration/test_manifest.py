@@ -9,14 +9,8 @@ import logging
 import pyarrow as pa
 import pytest
 
-from pipelines.data.manifest import (
-    ManifestError,
-    import_cityscapes,
-    import_folders,
-    import_voc,
-    read_manifest,
-    write_manifest,
-)
+from pipelines.data.importers import import_cityscapes, import_folders, import_voc
+from pipelines.data.manifest import ManifestError, read_manifest, write_manifest
 from pipelines.common.uris import join_uri
 from pipelines.data.storage import get_fs
 from tests.helpers import put_placeholders

@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.promotion.job import promote
-from pipelines.promotion.policy import DEFAULT_ALIAS, EXIT_UNRELIABLE, PromotionPolicy
-from pipelines.promotion.registry import (
+from pipelines.promotion.job import mlflow_evaluator, promote
+from pipelines.common.errors import EXIT_UNRELIABLE
+from pipelines.promotion.policy import DEFAULT_ALIAS, PromotionPolicy
+from pipelines.tracking.promotion import (
     LOCK_SUFFIX,
     PromotionError,
     UnreliableEvaluation,
     UsageError,
     error_share_tag,
     evaluation_tags,
-    mlflow_evaluator,
 )
 from pipelines.tracking import WEIGHTS_TAG, file_sha256
 
@@ -87,7 +87,7 @@ def tags_of(client, name: str, version: str) -> dict[str, str]:
 
 
 class CountingEvaluator:
-    """Stands in for pipelines.evaluate.evaluate_model: fixed mIoU per version, calls recorded."""
+    """Stands in for pipelines.segmentation.evaluation.evaluate_model: fixed mIoU per version, calls recorded."""
 
     def __init__(self, miou_by_version: dict[str, float], num_errors: int = 0):
         self.miou_by_version = miou_by_version
@@ -253,7 +253,7 @@ def test_real_evaluation_of_versions_without_metrics(client, model_name, tmp_pat
     """The default evaluator: pipelines.segmentation.evaluation on models:/ URIs served by this MLflow server."""
     from deeplab_core import build_model
     from deeplab_core.synthetic import SyntheticSpec
-    from pipelines.common.checkpoints import save_checkpoint_dir
+    from pipelines.data.checkpoints import save_checkpoint_dir
     from pipelines.data.synthetic import write_synthetic_voc
 
     manifest = write_synthetic_voc(str(tmp_path / "data"), 0, 3, spec=SyntheticSpec(num_classes=3, height=48, width=64),
@@ -427,7 +427,7 @@ def test_cli_refuses_a_missing_local_database(tmp_path, capsys):
 def test_breaking_a_stale_lock_never_deletes_a_fresh_one(client, model_name):
     """Another promoter breaks the stale lock and takes a fresh one between our look at the lock
     and our delete: compare-and-delete on the owner leaves the fresh lock alone."""
-    from pipelines.promotion.registry import _break_if_stale
+    from pipelines.tracking.promotion import _break_if_stale
 
     lock = model_name + LOCK_SUFFIX
     client.create_registered_model(lock, tags={"owner": "crashed-host:1:x"})

@@ -31,7 +31,7 @@ def tiny_checkpoint(tmp_path: Path, seed: int = 0) -> Path:
     import torch
 
     from deeplab_core import build_model
-    from pipelines.common.checkpoints import MODEL_FILE, save_checkpoint_dir
+    from pipelines.data.checkpoints import MODEL_FILE, save_checkpoint_dir
 
     torch.manual_seed(seed)
     return save_checkpoint_dir(build_model(**TINY).eval(), tmp_path / f"ckpt{seed}") / MODEL_FILE
@@ -169,7 +169,7 @@ def test_mlflow_basic_auth_lets_only_the_trainer_register_and_promote(auth_serve
     from PIL import Image
 
     from pipelines import promote
-    from pipelines.promotion.registry import error_share_tag, evaluation_tags
+    from pipelines.tracking.promotion import error_share_tag, evaluation_tags
 
     server, admin = auth_server
     trainer = ("deeplab-trainer", secrets.token_urlsafe(16))

@@ -33,7 +33,7 @@ def registered(tmp_path, sqlite_tracking_uri):
     import torch
 
     from deeplab_core.models import build_model
-    from pipelines.common.checkpoints import save_checkpoint_dir
+    from pipelines.data.checkpoints import save_checkpoint_dir
 
     torch.manual_seed(0)
     model = build_model("deeplabv3plus", backbone="mobilenetv2", num_classes=SPEC.num_classes,
@@ -143,7 +143,7 @@ def test_evaluate_model_uses_the_versions_tuned_crf_set(ray_cluster, registered,
     as segment.py does; it used to resolve the parameters again without the tags (defaults)."""
     import torch
 
-    from pipelines.common.checkpoints import save_checkpoint_dir
+    from pipelines.data.checkpoints import save_checkpoint_dir
     from pipelines.tracking import load_model
     from pipelines.data.manifest import read_manifest
     from pipelines.data.rows import RowDecoder

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.data.manifest import import_cityscapes, read_manifest
-from pipelines.import_dataset import main as import_dataset
+from pipelines.data.importers import import_cityscapes
+from pipelines.data.manifest import read_manifest
+from pipelines.import_dataset import run as import_dataset
 
 STEMS = ("aachen/aachen_000000_000019", "aachen/aachen_000001_000019", "bochum/bochum_000000_000313")
 

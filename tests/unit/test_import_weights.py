@@ -20,10 +20,10 @@ from deeplab_core.constants import IMAGENET_MEAN, IMAGENET_STD
 from deeplab_core.models import build_model
 from deeplab_core.weights import KAZUTO_INPUT
 from pipelines import import_weights
-from pipelines.common.checkpoints import save_checkpoint_dir
+from pipelines.data.checkpoints import save_checkpoint_dir
 from pipelines.tracking import load_model
 from pipelines.common.errors import EXIT_USAGE, InputError
-from pipelines.promotion.importing import (
+from pipelines.promotion.weights_import import (
     IMPORTERS,
     ImportWeightsConfig,
     check_arguments,

@@ -6,13 +6,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipelines.data.manifest import (
-    ManifestError,
-    import_folders,
-    import_voc,
-    read_manifest,
-    write_manifest,
-)
+from pipelines.data.importers import import_folders, import_voc
+from pipelines.data.manifest import ManifestError, read_manifest, write_manifest
 from tests.helpers import put_placeholders
 
 
@@ -69,7 +64,7 @@ def test_import_folders_refuses_ambiguous_stems(tmp_path):
 
 
 def test_import_cli(tmp_path, capsys):
-    from pipelines.import_dataset import main
+    from pipelines.import_dataset import run as main
 
     put_placeholders(str(tmp_path), None, ["images/1.jpg", "images/2.jpg", "masks/1.png"])
     out = str(tmp_path / "m.csv")

@@ -9,7 +9,7 @@ import torch
 
 from deeplab_core.models import build_model
 from pipelines import tracking
-from pipelines.common.checkpoints import MODEL_FILE, save_checkpoint_dir
+from pipelines.data.checkpoints import MODEL_FILE, save_checkpoint_dir
 
 
 def _register(model, tmp_path, uri: str) -> str:

@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from deeplab_core.models import ARCHS, BACKBONES, DeepLabV2, build_model, param_groups
-from deeplab_core.models.aspp import SeparableConv2d, resize
+from deeplab_core.models.ops import SeparableConv2d, resize
 
 VALID = [(arch, backbone) for arch, spec in ARCHS.items() for backbone in spec.backbones]
 # Small variants where the test is about the head, not the backbone's size.

@@ -2,7 +2,7 @@
 models with the same eval-mode logits.
 
 Each peer network is re-implemented here, independently of deeplab_core, from its description
-(docs/models.md, DESIGN.md section 9), with the peer's parameter names, so its state_dict is the
+(docs/models.md, the design reference's section 9), with the peer's parameter names, so its state_dict is the
 peer's file layout; the converted model must reproduce its logits to a relative 1e-5.
 """
 

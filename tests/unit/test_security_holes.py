@@ -56,7 +56,7 @@ def test_the_fingerprint_file_holds_no_password(tmp_path):
 def test_more_than_255_classes_is_refused_at_config_time():
     """Masks are uint8 with 255 = ignore: class 256 would be written as 0."""
     from pipelines.common.config import ConfigError, load_config
-    from pipelines.promotion.importing import ImportWeightsConfig
+    from pipelines.promotion.weights_import import ImportWeightsConfig
     from pipelines.training.config import TrainConfig
 
     assert TrainConfig.model_validate({"model": {"num_classes": 255}}).model.num_classes == 255
@@ -68,7 +68,7 @@ def test_more_than_255_classes_is_refused_at_config_time():
 
 
 def test_a_checkpoint_with_more_than_255_classes_is_refused_on_load():
-    from pipelines.common.checkpoints import build_from_payload
+    from pipelines.data.checkpoints import build_from_payload
 
     with pytest.raises(ValueError, match="300 classes"):
         build_from_payload({"model": {}, "model_config": {"arch": "deeplabv3", "num_classes": 300}})

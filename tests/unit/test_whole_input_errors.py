@@ -13,7 +13,7 @@ from PIL import Image
 
 from deeplab_core import build_model
 from pipelines import segment, train
-from pipelines.common.checkpoints import save_checkpoint_dir
+from pipelines.data.checkpoints import save_checkpoint_dir
 
 
 @pytest.fixture(autouse=True)

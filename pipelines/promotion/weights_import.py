@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import sys
 import tempfile
@@ -35,11 +34,11 @@ from torch import nn
 from deeplab_core.constants import IGNORE_INDEX
 from deeplab_core.loading import describe, identify
 from deeplab_core.weights import from_kazuto, from_torchvision, from_vainf
-from pipelines.common.checkpoints import MODEL_FILE, save_checkpoint_dir
+from pipelines.data.checkpoints import MODEL_FILE, save_checkpoint_dir
 from pipelines.common.config import Section
 from pipelines.common.errors import InputError
 from pipelines.common.redaction import redact, scrub
-from pipelines.common.uris import absolute_uri, join_uri
+from pipelines.common.uris import DEFAULT_TRACKING_URI, absolute_uri, join_uri, resolve_tracking_uri
 from pipelines.data.storage import (
     check_access,
     get_fs,
@@ -49,7 +48,6 @@ from pipelines.data.storage import (
 )
 
 DEFAULT_EXPERIMENT = "deeplab-imports"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the training job's and promote.py's default
 VAINF_DEFAULT_OUTPUT_STRIDE = 16  # VainF's main.py default; the weights do not say (docs/models.md)
 # What evaluate_model reports that becomes a version tag, as training names it (val_<metric>).
 EVAL_METRICS = ("mIoU", "pixel_acc", "mean_acc", "fw_iou")
@@ -333,7 +331,7 @@ def _register(cfg: ImportWeightsConfig, model_file: Path, config: Mapping[str, A
     tags.update(arch=config["arch"], backbone=str(config["backbone"]))
     if manifest is not None:  # informative: promotion measures on the operator's manifest itself
         tags.update({k: f"{v:.6f}" for k, v in metrics.items()}, val_manifest=manifest)
-    tracking_uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
     return tracking.register_imported_model(
         tracking_uri, cfg.experiment, f"import-{source['file']}", model_file, cfg.registered_model,
         params={"source": source, "model": dict(config)}, tags=tags, metrics=metrics,

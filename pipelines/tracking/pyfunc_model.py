@@ -14,8 +14,8 @@ import numpy as np
 
 class DeepLabPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from pipelines.common.checkpoints import model_from_checkpoint_file
-        from pipelines.tracking import WEIGHTS_TAG
+        from pipelines.data.checkpoints import model_from_checkpoint_file
+        from pipelines.common.uris import WEIGHTS_TAG
 
         # The digest recorded when the model was logged: a replaced model.pt is refused.
         expected = (context.model_config or {}).get(WEIGHTS_TAG)

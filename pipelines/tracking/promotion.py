@@ -1,4 +1,4 @@
-"""Registry access for promotion: versions, aliases and tags through an MlflowClient, metrics on
+"""Registry access for promotion (pipelines/promotion holds the rule, this module its MLflow calls): versions, aliases and tags through an MlflowClient, metrics on
 a common validation manifest, the promotion lock, and MLflow errors as one-line PromotionErrors.
 
 Race safety: MLflow has no compare-and-set for aliases, so the read-compare-set step runs under a
@@ -15,7 +15,6 @@ import math
 import os
 import socket
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -23,12 +22,13 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from pipelines.common.redaction import redact_urls
-from pipelines.promotion.policy import EXIT_ERROR, EXIT_UNRELIABLE, EXIT_USAGE, TAG_PREFIX
+from pipelines.common.errors import EXIT_FAILED, EXIT_UNRELIABLE, EXIT_USAGE, JobExit
 
 if TYPE_CHECKING:  # mlflow is imported lazily: `--help` and usage errors stay fast
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
+TAG_PREFIX = "promotion."  # every tag promotion writes on a version
 MANIFEST_TAG = "val_manifest"
 LOCK_SUFFIX = ".promotion-lock"
 
@@ -36,10 +36,10 @@ LOCK_SUFFIX = ".promotion-lock"
 Evaluator = Callable[[str, str], Mapping[str, float]]
 
 
-class PromotionError(Exception):
+class PromotionError(JobExit):
     """A failure the CLI reports in one line; `exit_code` says which kind."""
 
-    exit_code = EXIT_ERROR
+    exit_code = EXIT_FAILED
 
 
 class UsageError(PromotionError):
@@ -49,7 +49,7 @@ class UsageError(PromotionError):
 
 
 class RegistryUnreachable(PromotionError):
-    exit_code = EXIT_ERROR
+    exit_code = EXIT_FAILED
 
 
 class UnreliableEvaluation(PromotionError):
@@ -162,43 +162,6 @@ def recorded_metric(version: "ModelVersion", metric: str, manifest: str) -> tupl
         return None
     return (_as_metric(tags[value_key], f"version {version.version} tag {value_key}"),
             _as_metric(tags[error_share_tag(manifest)], f"version {version.version} tag {error_share_tag(manifest)}"))
-
-
-def mlflow_evaluator(client: "MlflowClient") -> Evaluator:
-    """pipelines.evaluate.evaluate_model (plain single-scale inference, as in training's
-    validation) on a registered version, downloaded through `client`.
-
-    The client's server is used explicitly rather than through mlflow.set_tracking_uri, which
-    would change the process' environment (MLflow 3 exports it) for everything that runs after.
-    """
-
-    def evaluate(model_uri: str, manifest_uri: str) -> Mapping[str, float]:
-        import mlflow
-
-        from pipelines.common.checkpoints import check_weights, checkpoint_file_in
-        from pipelines.common.errors import InputError
-        from pipelines.segmentation.evaluation import evaluate_model
-        from pipelines.tracking import registered_weights_sha256
-
-        name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
-        location = client.get_model_version_download_uri(name, version)
-        print(f"promote: evaluating {model_uri} on {manifest_uri}", file=sys.stderr, flush=True)
-        with tempfile.TemporaryDirectory(prefix="promote-") as tmp:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
-                                                        tracking_uri=client.tracking_uri)
-            try:
-                checkpoint = checkpoint_file_in(local)
-            except FileNotFoundError as err:
-                raise PromotionError(f"the model version has no checkpoint: {err}") from None
-            try:  # the weights judged must be the weights registered (segment checks the same)
-                with open(checkpoint, "rb") as f:
-                    check_weights(f.read(), registered_weights_sha256(model_uri, client), model_uri)
-            except InputError as err:
-                raise UsageError(str(err)) from None
-            # The private temporary folder is ours alone: the file checked is the file evaluated.
-            return evaluate_model(checkpoint, manifest_uri)
-
-    return evaluate
 
 
 def _evaluated_value(metrics: Mapping[str, float], metric: str) -> float:
@@ -335,3 +298,63 @@ def _release(client: "MlflowClient", lock_name: str, owner: str | None) -> None:
     except MlflowException:
         client.delete_registered_model(aside)  # a newer lock took the name: its holder proceeds
         raise
+
+
+def open_client(tracking_uri: str, registry_uri: str | None = None) -> "MlflowClient":
+    """An MlflowClient on `tracking_uri` (MLflow's own INFO chatter kept quiet)."""
+    import logging
+
+    from mlflow import MlflowClient
+
+    for noisy in ("mlflow", "alembic"):  # after the import, which sets mlflow's to INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+
+
+def default_client() -> "MlflowClient":
+    """An MlflowClient on the current tracking URI."""
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def reread_version(client: "MlflowClient", version: "ModelVersion") -> "ModelVersion":
+    """The version as the registry holds it now (tags recorded since it was read)."""
+    return client.get_model_version(version.name, version.version)
+
+
+def move_alias(client: "MlflowClient", name: str, alias: str, version: str | int) -> None:
+    client.set_registered_model_alias(name, alias, version)
+
+
+def tag_version(client: "MlflowClient", name: str, version: str | int, tags: Mapping[str, str]) -> None:
+    """Tags on a version; a password in a value (e.g. a manifest URI) stays out."""
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, redact_urls(value))
+
+
+def checked_checkpoint(client: "MlflowClient", model_uri: str, folder: str) -> str:
+    """The `model.pt` of the registered version `models:/name/<version>`, downloaded through
+    `client` (its server explicitly: mlflow.set_tracking_uri would change the process' environment,
+    MLflow 3 exports it, for everything that runs after) into `folder`, its bytes checked against
+    the version's weights tag (the weights judged must be the weights registered)."""
+    import mlflow
+
+    from pipelines.common.errors import InputError
+    from pipelines.data.checkpoints import check_weights, checkpoint_file_in
+    from pipelines.tracking.registry import registered_weights_sha256
+
+    name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
+    location = client.get_model_version_download_uri(name, version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder,
+                                                tracking_uri=client.tracking_uri)
+    try:
+        checkpoint = checkpoint_file_in(local)
+    except FileNotFoundError as err:
+        raise PromotionError(f"the model version has no checkpoint: {err}") from None
+    try:
+        with open(checkpoint, "rb") as f:
+            check_weights(f.read(), registered_weights_sha256(model_uri, client), model_uri)
+    except InputError as err:
+        raise UsageError(str(err)) from None
+    return checkpoint
