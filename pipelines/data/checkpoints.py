@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from deeplab_core.constants import IGNORE_INDEX
+from deeplab_core.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from deeplab_core.models import build_model
 from pipelines.common.errors import InputError
 from pipelines.common.uris import WEIGHTS_TAG
@@ -106,3 +108,20 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu",
     if fs.isdir(path):
         uri = uri.rstrip("/") + "/" + MODEL_FILE
     return model_from_checkpoint_file(uri, map_location, storage_options)
+
+
+def num_classes_of(model) -> int:
+    config = getattr(model, "config", None) or {}
+    if "num_classes" in config:
+        return int(config["num_classes"])
+    with torch.inference_mode():  # a model without .config: ask it
+        return int(model.eval()(torch.zeros(1, 3, 64, 64)).shape[1])
+
+
+def normalisation_of(meta: Mapping[str, Any], model=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input normalisation a model was trained with: the checkpoint's meta, else the model's
+    own (`input_mean`/`input_std`, e.g. a converted Caffe model), else ImageNet's."""
+    config = getattr(model, "config", None) or {}
+    mean = meta.get("mean") or config.get("input_mean") or IMAGENET_MEAN
+    std = meta.get("std") or config.get("input_std") or IMAGENET_STD
+    return tuple(mean), tuple(std)

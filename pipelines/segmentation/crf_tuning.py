@@ -111,7 +111,7 @@ def load_tuning_data(cfg: TuneCRFConfig, model_uri: str) -> tuple[list[tuple[np.
     from pipelines.tracking import load_model
     from pipelines.data.manifest import read_manifest
     from pipelines.data.rows import RowDecoder
-    from pipelines.segmentation.stages.plan import normalisation_of, num_classes_of
+    from pipelines.data.checkpoints import normalisation_of, num_classes_of
 
     model, meta = load_model(model_uri, storage_options=cfg.storage_options)
     num_classes = num_classes_of(model)

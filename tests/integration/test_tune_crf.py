@@ -148,7 +148,7 @@ def test_evaluate_model_uses_the_versions_tuned_crf_set(ray_cluster, registered,
     from pipelines.data.manifest import read_manifest
     from pipelines.data.rows import RowDecoder
     from pipelines.segmentation.evaluation import evaluate_model
-    from pipelines.segmentation.stages.plan import normalisation_of
+    from pipelines.data.checkpoints import normalisation_of
 
     first_uri, manifest, tracking_uri = registered
     # The untrained network says one class everywhere, which no CRF changes: its classifier's bias

@@ -16,9 +16,9 @@ from pipelines.segmentation.columns import *  # noqa: F401,F403 - the column nam
 from pipelines.segmentation.stages.crf import crf_stage
 from pipelines.segmentation.stages.decode import decode_stage
 from pipelines.segmentation.stages.model import ModelStage
-from pipelines.segmentation.stages.plan import InferencePlan, normalisation_of, num_classes_of
+from pipelines.segmentation.stages.plan import InferencePlan
 from pipelines.segmentation.stages.score import score_stage
 from pipelines.segmentation.stages.write import WriteSpec, write_stage
 
-__all__ = ["InferencePlan", "ModelStage", "WriteSpec", "crf_stage", "decode_stage", "normalisation_of",
-           "num_classes_of", "score_stage", "write_stage"]
+__all__ = ["InferencePlan", "ModelStage", "WriteSpec", "crf_stage", "decode_stage",
+           "score_stage", "write_stage"]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from deeplab_core.constants import IMAGENET_MEAN, IMAGENET_STD, CRFParams, TTASettings
+from deeplab_core.constants import CRFParams, TTASettings
 from deeplab_core.crf import choose_backend
 from pipelines.segmentation.columns import (
     CM,
@@ -48,6 +48,9 @@ class InferencePlan:
                   **settings: Any) -> InferencePlan:
         """The plan for `model` (class count, the normalisation it was trained with) with the CRF
         backend chosen for where the model runs (`crf_backend` auto/pydensecrf/torch)."""
+        # On the driver only: the workers that import this module (decode, write) never load torch.
+        from pipelines.data.checkpoints import normalisation_of, num_classes_of
+
         mean, std = normalisation_of(meta, model)
         return cls(num_classes=num_classes_of(model), mean=mean, std=std,
                    crf_backend=choose_backend(crf_backend, gpu), **settings)
@@ -78,22 +81,3 @@ class InferencePlan:
         if self.score:
             columns.append(CM)
         return columns
-
-
-def num_classes_of(model) -> int:
-    config = getattr(model, "config", None) or {}
-    if "num_classes" in config:
-        return int(config["num_classes"])
-    import torch
-
-    with torch.inference_mode():  # a model without .config: ask it
-        return int(model.eval()(torch.zeros(1, 3, 64, 64)).shape[1])
-
-
-def normalisation_of(meta: Mapping[str, Any], model=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The input normalisation a model was trained with: the checkpoint's meta, else the model's
-    own (`input_mean`/`input_std`, e.g. a converted Caffe model), else ImageNet's."""
-    config = getattr(model, "config", None) or {}
-    mean = meta.get("mean") or config.get("input_mean") or IMAGENET_MEAN
-    std = meta.get("std") or config.get("input_std") or IMAGENET_STD
-    return tuple(mean), tuple(std)
