@@ -27,23 +27,6 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def tta_keys_at_top(values: Any) -> Any:
-    """`scales`, `flip`, `fusion` given at a config's top level (YAML files and `scales=` overrides
-    from before `tta:` existed) go into its `tta` section; a model validator (mode="before")."""
-    if not isinstance(values, Mapping):
-        return values
-    from deeplab_core.constants import TTASettings
-
-    names = [f.name for f in dataclasses.fields(TTASettings)]
-    moved = {name: values[name] for name in names if name in values}
-    if not moved:
-        return values
-    tta = values.get("tta")
-    tta = dataclasses.asdict(tta) if dataclasses.is_dataclass(tta) else dict(tta or {})
-    rest = {k: v for k, v in values.items() if k not in moved}
-    return {**rest, "tta": {**tta, **moved}}
-
-
 class ConfigError(InputError):
     """A config that cannot be used; the message is meant to be printed as is."""
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+import dataclasses
+from collections.abc import Mapping
+
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from deeplab_core.constants import TTASettings
-from pipelines.common.config import Section, tta_keys_at_top
+from pipelines.common.config import Section
 from pipelines.segmentation.crf_settings import CRFSettings
 from pipelines.segmentation.io import parse_time
 
@@ -20,7 +23,43 @@ DEFAULT_TILE_PIXELS = 2048 * 1024
 DEFAULT_MAX_INPUT_PIXELS = 4096 * 4096
 
 
-class SegmentConfig(Section):
+class WithTTA(Section):
+    """A config with the shared test-time augmentation settings (`tta`), which also knows which of
+    them the user gave (`tta_given`: a registered version's recipe fills the others).
+
+    `scales`, `flip`, `fusion` given at the top level (YAML files and `scales=` overrides from
+    before `tta:` existed) go into `tta`."""
+
+    tta: TTASettings = Field(default_factory=TTASettings, description="test-time augmentation")
+    _tta_given: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _tta_section(cls, values: Any, handler: Any) -> Any:
+        names = [f.name for f in dataclasses.fields(TTASettings)]
+        given: frozenset[str] = frozenset()
+        if isinstance(values, Mapping):
+            moved = {name: values[name] for name in names if name in values}
+            tta = values.get("tta")
+            if dataclasses.is_dataclass(tta):  # a whole TTASettings counts as every field given
+                given = frozenset(names)
+            elif isinstance(tta, Mapping):
+                given = frozenset(tta)
+            if moved:
+                tta = dict(tta or {}) if not dataclasses.is_dataclass(tta) else dataclasses.asdict(tta)
+                values = {**{k: v for k, v in values.items() if k not in moved}, "tta": {**tta, **moved}}
+                given |= frozenset(moved)
+        config = handler(values)
+        if given:
+            config._tta_given = given
+        return config
+
+    @property
+    def tta_given(self) -> frozenset[str]:
+        return self._tta_given
+
+
+class SegmentConfig(WithTTA):
     """What `pipelines/segment.py` runs; every default is defined here and only here."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -29,7 +68,6 @@ class SegmentConfig(Section):
                                    "or a checkpoint dir/URI")
     input: str = Field(description="URI prefix of images, or a manifest (.parquet/.csv/.jsonl)")
     output: str = Field(description="output URI prefix (any fsspec URI)")
-    tta: TTASettings = Field(default_factory=TTASettings, description="test-time augmentation")
     max_pixels: int | None = Field(DEFAULT_TILE_PIXELS, gt=0, description="memory budget: largest scaled "
                                    "image run whole (pixels); bigger ones are tiled")
     crf: bool = Field(True, description="dense CRF")
@@ -77,8 +115,6 @@ class SegmentConfig(Section):
     shared_fs: bool = Field(False, description="local input/output paths are on a filesystem every node "
                                                "mounts (NFS): skip the multi-node check that refuses them")
     progress_every_s: float = Field(10.0, gt=0)
-
-    _tta_keys = model_validator(mode="before")(tta_keys_at_top)
 
     @field_validator("since")
     @classmethod

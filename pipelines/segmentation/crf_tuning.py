@@ -21,17 +21,17 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from deeplab_core.constants import CRFParams, TTASettings
+from deeplab_core.constants import CRFParams
 from pipelines import tracking
-from pipelines.common.config import Section, tta_keys_at_top
 from pipelines.common.console import is_verbose
 from pipelines.common.errors import InputError
 from pipelines.common.ray_session import ensure_ray
 from pipelines.data.decode import DEFAULT_MAX_PIXELS
 from pipelines.common.uris import absolute_uri
 from pipelines.segmentation import crf_settings
+from pipelines.segmentation.config import WithTTA
 from pipelines.segmentation.crf_settings import TUNED_FIELDS
 
 DEFAULT_EXPERIMENT = "deeplab-crf-tuning"
@@ -44,7 +44,7 @@ GRID: dict[str, tuple[float, ...]] = {
     f.name: f.metadata["grid"] for f in dataclasses.fields(CRFParams) if f.name in TUNED_FIELDS}
 
 
-class TuneCRFConfig(Section):
+class TuneCRFConfig(WithTTA):
     """What `pipelines/tune_crf.py` runs."""
 
     model: str = Field(description="models:/name@alias or /version (tags are written on the version), "
@@ -56,7 +56,6 @@ class TuneCRFConfig(Section):
     num_samples: int = Field(16, ge=1, description="random search: parameter sets, the defaults included")
     seed: int = 0
     iterations: int = Field(CRFParams.iterations, ge=1, description="mean-field iterations per trial")
-    tta: TTASettings = Field(default_factory=TTASettings, description="test-time augmentation (use segment.py's)")
     max_concurrent: int | None = Field(None, ge=1, description="trials at once (default: one per CPU)")
     grid: dict[str, tuple[float, ...]] = Field(default_factory=lambda: dict(GRID))
     tag_version: bool = Field(True, description="store the best set on the model version")
@@ -65,8 +64,6 @@ class TuneCRFConfig(Section):
     experiment: str = DEFAULT_EXPERIMENT
     storage_options: dict[str, Any] | None = None
     max_input_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
-
-    _tta_keys = model_validator(mode="before")(tta_keys_at_top)
 
     @field_validator("grid")
     @classmethod

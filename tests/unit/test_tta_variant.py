@@ -81,3 +81,15 @@ def test_the_model_stage_runs_the_variant(model):
     np.testing.assert_allclose(probs, expected, atol=2e-3)  # float16 across the object store
     plain = predict(model, x, TTASettings(scales=(1.0,), flip=False))[0].numpy()
     assert np.abs(plain - expected).max() > 1e-2  # the variant really ran
+
+
+def test_the_configs_know_which_tta_fields_were_given():
+    """A registered version's recipe may fill the fields the user did not give."""
+    from pipelines import segment
+
+    args = segment.build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o", "--no-flip"])
+    cfg = segment.config_from_args(args)
+    assert cfg.tta_given == {"flip"} and cfg.model_copy(update={"crf": False}).tta_given == {"flip"}
+    assert SegmentConfig(model="m", input="i", output="o", scales=[1]).tta_given == {"scales"}
+    assert SegmentConfig(model="m", input="i", output="o").tta_given == frozenset()
+    assert SegmentConfig(model="m", input="i", output="o", tta=VFlipTTA()).tta_given == {"scales", "flip", "fusion"}
