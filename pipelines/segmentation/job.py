@@ -7,7 +7,7 @@ Stages (streaming: every stage runs while the others do; see stages.py)::
       -> read + decode           CPU tasks    bad input becomes an error row, never a crash
       -> model                   actor pool   predict_probs (scales, flip); GPU when present
       -> dense CRF               CPU tasks    separate processes (pydensecrf holds the GIL)
-      -> write                   CPU tasks    masks, overlays
+      -> write                   in the CRF task (else 0-CPU tasks): masks, overlays as made
     record                       (driver)     results + ledger checkpoints, one file each per run
 
 An input that kills its worker process ends as an error row (poison.py). Output layout and the
@@ -110,13 +110,16 @@ def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *,
         compute=ray.data.ActorPoolStrategy(size=num_model_actors),
         batch_size=batch_size, batch_format="numpy", **model_resources, **actors,
     )
+    # Masks are written as they are made (a kill loses only the batches in flight): by the CRF
+    # task that refined them, else by tasks that need no CPU. A 0.25-CPU write task never got a
+    # CPU while the model actor and the CRF tasks held them all: every mask came at the end.
     if plan.run_crf and not plan.crf_in_model:
-        ds = ds.map_batches(crf_stage, fn_kwargs={"plan": plan}, batch_size=batch_size,
+        ds = ds.map_batches(crf_stage, fn_kwargs={"plan": plan, "write": write}, batch_size=batch_size,
                             batch_format="numpy", num_cpus=1,
                             compute=ray.data.TaskPoolStrategy(size=crf_workers), **tasks)
-    if write is not None:
+    elif write is not None:
         ds = ds.map_batches(write_stage, fn_kwargs={"spec": write}, batch_size=batch_size,
-                            batch_format="numpy", num_cpus=0.25, **tasks)
+                            batch_format="numpy", num_cpus=0, **tasks)
     return ds.select_columns(summary_columns(plan, write=write is not None))
 
 

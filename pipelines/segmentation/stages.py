@@ -3,8 +3,8 @@
     decode  (CPU tasks)   id, uri, mask_uri -> + image, [gt, has_gt], status, seconds_decode
     model   (actor pool)  -> + label, [probs], [cm_plain, cm_tta | cm], seconds_model
     crf     (CPU tasks)   -> label refined, [cm_crf | cm], seconds_crf   (pydensecrf holds the GIL)
-    write   (CPU tasks)   masks, overlays; -> + output_uri, overlay_uri, classes; pixels dropped
-                          (the driver records the outcome: ledger.py)
+    write   (in the CRF task, else 0-CPU tasks)  masks, overlays; -> + output_uri, overlay_uri,
+                          classes; pixels dropped (the driver records the outcome: ledger.py)
 
 Every stage runs its batch under poison.guarded: an input that kills its worker process ends as
 an error row of that stage instead of making Ray retry it without end.
@@ -316,9 +316,12 @@ def _groups_by_shape(batch: dict[str, np.ndarray]) -> list[list[int]]:
     return list(groups.values())
 
 
-def crf_stage(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np.ndarray]:
-    """Dense CRF (pydensecrf, one image at a time) on the model's probabilities."""
-    return guarded(plan.guard, "crf", batch, lambda b: _crf(b, plan))
+def crf_stage(batch: dict[str, np.ndarray], plan: InferencePlan,
+              write: WriteSpec | None = None) -> dict[str, np.ndarray]:
+    """Dense CRF (pydensecrf, one image at a time) on the model's probabilities; with `write`,
+    the refined masks are written by this same task (write_stage), as soon as they exist."""
+    refined = guarded(plan.guard, "crf", batch, lambda b: _crf(b, plan))
+    return refined if write is None else write_stage(refined, write)
 
 
 def _crf(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np.ndarray]:
