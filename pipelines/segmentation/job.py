@@ -34,7 +34,7 @@ from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.common.errors import InputError
 from pipelines.data.errors import ErrorRecord
 from pipelines.data.storage import absolute_uri, check_access, get_fs, join_uri, redact_urls
-from pipelines.segmentation import crf_settings, ledger, lease
+from pipelines.segmentation import crf_settings, ledger, lease, resources
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     ERRORS_DIR,
@@ -101,7 +101,7 @@ def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *,
     # 0.5 CPU: unequal resources keep Ray Data from fusing the decode into the model actors,
     # so decoding overlaps inference instead of running inside the actor.
     ds = ds.map_batches(decode_stage, fn_kwargs={"plan": plan}, batch_size=batch_size,
-                        batch_format="numpy", num_cpus=0.5, **tasks)
+                        batch_format="numpy", num_cpus=resources.DECODE_CPUS, **tasks)
     model_resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": cpus_per_model_actor}
     ds = ds.map_batches(
         ModelStage,
@@ -115,7 +115,7 @@ def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *,
     # CPU while the model actor and the CRF tasks held them all: every mask came at the end.
     if plan.run_crf and not plan.crf_in_model:
         ds = ds.map_batches(crf_stage, fn_kwargs={"plan": plan, "write": write}, batch_size=batch_size,
-                            batch_format="numpy", num_cpus=1,
+                            batch_format="numpy", num_cpus=resources.CRF_CPUS,
                             compute=ray.data.TaskPoolStrategy(size=crf_workers), **tasks)
     elif write is not None:
         ds = ds.map_batches(write_stage, fn_kwargs={"spec": write}, batch_size=batch_size,
@@ -211,6 +211,11 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping
     crf = f"CRF {plan.crf_backend}" + (" (in the model actor)" if plan.crf_in_model else "") if plan.run_crf else "no CRF"
     print(f"[segment] model {model_uri} ({plan.num_classes} classes) on {'GPU' if gpu else 'CPU'}; "
           f"scales {format_scales(cfg.scales)}, flip {cfg.flip}, {crf}", flush=True)
+    # Ray Data would wait without end for resources the cluster does not have (resources.py).
+    problem = resources.plan_problem(cfg.num_model_actors, cfg.cpus_per_model_actor, gpu,
+                                     plan.run_crf and not plan.crf_in_model, resources.cluster_nodes())
+    if problem:
+        raise InputError(problem)
     ds = build_dataset(todo, plan, ray.put(model), batch_size=cfg.batch_size,
                        num_model_actors=cfg.num_model_actors, cpus_per_model_actor=cfg.cpus_per_model_actor,
                        crf_workers=cfg.crf_workers, gpu=gpu, write=write)

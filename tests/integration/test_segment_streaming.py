@@ -1,4 +1,5 @@
-"""Masks stream out of a CRF run as they are made, on the session Ray cluster (4 CPUs).
+"""Masks stream out of a CRF run as they are made, and a resource plan the cluster cannot
+schedule is refused, on the session Ray cluster (4 CPUs).
 
 Three CRF tasks (pydensecrf, 1 CPU each) and the model actor (1 CPU) hold all four CPUs, the
 way one actor and one CRF task hold a 2-CPU machine: a write step that needs a CPU of its own
@@ -21,7 +22,10 @@ from pathlib import Path
 import pytest
 
 from deeplab_core.synthetic import SyntheticSpec
+from pipelines.common.errors import InputError
 from pipelines.data.synthetic import write_synthetic_voc
+from pipelines.segmentation.config import SegmentConfig
+from pipelines.segmentation.job import run_segmentation
 from tests.helpers import untrained_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,3 +88,13 @@ def test_masks_are_written_as_they_are_made_and_a_kill_half_way_keeps_them(setup
     on_disk = len(_mask_times(root / "killed"))
     assert 0.4 * COUNT <= on_disk < COUNT, f"{on_disk}/{COUNT} masks on disk {span / 2:.1f} s after the first"
 
+
+def test_a_plan_the_cluster_cannot_schedule_is_refused_before_ray_data_starts(setup, ray_cluster):
+    root, manifest, checkpoint = setup
+    cfg = SegmentConfig(model=checkpoint, input=manifest, output=str(root / "refused"), cpus_per_model_actor=4)
+    started = time.monotonic()
+    with pytest.raises(InputError, match=r"^resource plan does not fit the cluster: .*"
+                                         r"what fits: --cpus-per-model-actor 3$"):
+        run_segmentation(cfg)  # 4 CPUs: a 4-CPU actor leaves no room for decode (before: a hang)
+    assert time.monotonic() - started < 60
+    assert not (root / "refused" / "masks").exists()
