@@ -34,7 +34,7 @@ from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.common.errors import InputError
 from pipelines.data.errors import ErrorRecord
 from pipelines.data.storage import absolute_uri, check_access, get_fs, join_uri, redact_urls
-from pipelines.segmentation import crf_settings, ledger, lease, resources
+from pipelines.segmentation import crf_settings, ledger, lease, precision, resources
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     ERRORS_DIR,
@@ -142,7 +142,7 @@ def make_plan(cfg: SegmentConfig, model, meta: Mapping[str, Any], *, table: bool
         fusion=cfg.fusion, max_pixels=cfg.max_pixels, crf=cfg.crf, crf_params=crf_params,
         crf_backend=crf_backend_for(cfg.crf_backend, gpu),
         table=table, score=score, overlays=cfg.overlays, max_input_pixels=cfg.max_input_pixels,
-        storage_options=cfg.storage_options, guard=guard,
+        storage_options=cfg.storage_options, guard=guard, autocast=precision.autocast_for(cfg.precision, gpu),
     )
 
 
