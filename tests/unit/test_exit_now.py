@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ def test_exit_now_keeps_the_exit_code_and_the_buffered_output():
               "logging.basicConfig(stream=sys.stderr)\nprint('summary line', end='')\n"
               "logging.getLogger('t').warning('logged')\nsys.stderr.write('last words')\nexit_now(3)\n"
               "print('not reached')\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 3
     assert done.stdout == "summary line"
     assert "logged" in done.stderr and done.stderr.endswith("last words")
