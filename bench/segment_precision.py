@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {a.model} ({num_classes} classes); {len(images)} images of {a.manifest}; MS+flip scales "
           f"{a.scales}; speed: {a.speed_images} scenes 375x500, plain, {a.threads} thread(s), median of "
           f"{a.repeats}; CPU native bf16: {cpu_has_native_bf16()}")
-    print("| variant | plain mIoU | MS+flip mIoU | +CRF mIoU | labels = fp32 (MS+flip) | s/image 375x500 | speed vs fp32 |")
+    print("| variant | plain mIoU | MS+flip mIoU | +CRF mIoU | labels = fp32 (MS+flip) | s/image 375x500 "
+          "| speed vs fp32 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         median = statistics.median(r["times"])

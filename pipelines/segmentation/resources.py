@@ -4,9 +4,10 @@ Ray Data waits for resources without end and without a word: on a 2-CPU machine 
 of 2 CPUs left the decode tasks (0.5 CPU) no CPU, and no mask came. What must fit: every model
 actor at once, and beside them room for a decode task and, with the CPU CRF, for a CRF task
 (the writes need no CPU). The check places the actors on the nodes' CPUs/GPUs (first fit,
-largest first) and refuses a plan that does not fit, with one line saying what would. Refused rather than adapted: the actor size is
-the user's choice of torch threads per model, and a run quietly slower than asked is harder to
-notice than an exit code 2 with the fitting value in it. (A cluster that autoscales may grow to
+largest first) and refuses a plan that does not fit, with one line saying what would.
+Refused rather than adapted: the actor size is the user's choice of torch threads per model,
+and a run quietly slower than asked is harder to notice than an exit code 2 with the fitting
+value in it. (A cluster that autoscales may grow to
 fit; its nodes are counted as they are now.)
 """
 
@@ -64,7 +65,8 @@ def plan_problem(num_model_actors: int, cpus_per_model_actor: float, gpu: bool, 
     if fits(actors, tasks, nodes):
         return None
     actor = actors[0]
-    need = (f"{num_model_actors} model actor(s) of {actor.cpus:g} CPU" + (f" + {actor.gpus:g} GPU" if actor.gpus else "")
+    need = (f"{num_model_actors} model actor(s) of {actor.cpus:g} CPU"
+            + (f" + {actor.gpus:g} GPU" if actor.gpus else "")
             + " must run with room beside them for " + " and ".join(f"a {t.name} ({t.cpus:g} CPU)" for t in tasks))
     have = ", ".join(f"{n.get('CPU', 0):g} CPU" + (f" + {n.get('GPU', 0):g} GPU" if n.get("GPU") else "")
                      for n in nodes) or "no nodes"
@@ -83,7 +85,8 @@ def _what_fits(num_model_actors: int, cpus: float, gpu: bool, cpu_crf: bool,
         size = 1.0 if gpu else min(cpus, 1.0)
         if fits(*pipeline_units(fewer, size, gpu, cpu_crf), nodes):
             return f"what fits: --num-model-actors {fewer}" + ("" if gpu else f" --cpus-per-model-actor {size:g}")
-    return "no setting of --num-model-actors / --cpus-per-model-actor fits" + (" (--no-crf frees a CPU)" if cpu_crf else "")
+    none = "no setting of --num-model-actors / --cpus-per-model-actor fits"
+    return none + (" (--no-crf frees a CPU)" if cpu_crf else "")
 
 
 def cluster_nodes() -> list[dict[str, float]]:
