@@ -7,7 +7,7 @@ Stages (streaming: every stage runs while the others do; see stages.py)::
       -> read + decode           CPU tasks    bad input becomes an error row, never a crash
       -> model                   actor pool   predict_probs (scales, flip); GPU when present
       -> dense CRF               CPU tasks    separate processes (pydensecrf holds the GIL)
-      -> write                   CPU tasks    masks, overlays
+      -> write                   in the CRF task (else 0-CPU tasks): masks, overlays as made
     record                       (driver)     results + ledger checkpoints, one file each per run
 
 An input that kills its worker process ends as an error row (poison.py). Output layout and the
@@ -34,7 +34,7 @@ from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.common.errors import InputError
 from pipelines.data.errors import ErrorRecord
 from pipelines.data.storage import absolute_uri, check_access, get_fs, join_uri, redact_urls
-from pipelines.segmentation import crf_settings, ledger, lease
+from pipelines.segmentation import crf_settings, ledger, lease, precision, resources
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     ERRORS_DIR,
@@ -101,7 +101,7 @@ def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *,
     # 0.5 CPU: unequal resources keep Ray Data from fusing the decode into the model actors,
     # so decoding overlaps inference instead of running inside the actor.
     ds = ds.map_batches(decode_stage, fn_kwargs={"plan": plan}, batch_size=batch_size,
-                        batch_format="numpy", num_cpus=0.5, **tasks)
+                        batch_format="numpy", num_cpus=resources.DECODE_CPUS, **tasks)
     model_resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": cpus_per_model_actor}
     ds = ds.map_batches(
         ModelStage,
@@ -110,13 +110,16 @@ def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *,
         compute=ray.data.ActorPoolStrategy(size=num_model_actors),
         batch_size=batch_size, batch_format="numpy", **model_resources, **actors,
     )
+    # Masks are written as they are made (a kill loses only the batches in flight): by the CRF
+    # task that refined them, else by tasks that need no CPU. A 0.25-CPU write task never got a
+    # CPU while the model actor and the CRF tasks held them all: every mask came at the end.
     if plan.run_crf and not plan.crf_in_model:
-        ds = ds.map_batches(crf_stage, fn_kwargs={"plan": plan}, batch_size=batch_size,
-                            batch_format="numpy", num_cpus=1,
+        ds = ds.map_batches(crf_stage, fn_kwargs={"plan": plan, "write": write}, batch_size=batch_size,
+                            batch_format="numpy", num_cpus=resources.CRF_CPUS,
                             compute=ray.data.TaskPoolStrategy(size=crf_workers), **tasks)
-    if write is not None:
+    elif write is not None:
         ds = ds.map_batches(write_stage, fn_kwargs={"spec": write}, batch_size=batch_size,
-                            batch_format="numpy", num_cpus=0.25, **tasks)
+                            batch_format="numpy", num_cpus=0, **tasks)
     return ds.select_columns(summary_columns(plan, write=write is not None))
 
 
@@ -139,7 +142,7 @@ def make_plan(cfg: SegmentConfig, model, meta: Mapping[str, Any], *, table: bool
         fusion=cfg.fusion, max_pixels=cfg.max_pixels, crf=cfg.crf, crf_params=crf_params,
         crf_backend=crf_backend_for(cfg.crf_backend, gpu),
         table=table, score=score, overlays=cfg.overlays, max_input_pixels=cfg.max_input_pixels,
-        storage_options=cfg.storage_options, guard=guard,
+        storage_options=cfg.storage_options, guard=guard, autocast=precision.autocast_for(cfg.precision, gpu),
     )
 
 
@@ -208,6 +211,11 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping
     crf = f"CRF {plan.crf_backend}" + (" (in the model actor)" if plan.crf_in_model else "") if plan.run_crf else "no CRF"
     print(f"[segment] model {model_uri} ({plan.num_classes} classes) on {'GPU' if gpu else 'CPU'}; "
           f"scales {format_scales(cfg.scales)}, flip {cfg.flip}, {crf}", flush=True)
+    # Ray Data would wait without end for resources the cluster does not have (resources.py).
+    problem = resources.plan_problem(cfg.num_model_actors, cfg.cpus_per_model_actor, gpu,
+                                     plan.run_crf and not plan.crf_in_model, resources.cluster_nodes())
+    if problem:
+        raise InputError(problem)
     ds = build_dataset(todo, plan, ray.put(model), batch_size=cfg.batch_size,
                        num_model_actors=cfg.num_model_actors, cpus_per_model_actor=cfg.cpus_per_model_actor,
                        crf_workers=cfg.crf_workers, gpu=gpu, write=write)

@@ -3,8 +3,8 @@
     decode  (CPU tasks)   id, uri, mask_uri -> + image, [gt, has_gt], status, seconds_decode
     model   (actor pool)  -> + label, [probs], [cm_plain, cm_tta | cm], seconds_model
     crf     (CPU tasks)   -> label refined, [cm_crf | cm], seconds_crf   (pydensecrf holds the GIL)
-    write   (CPU tasks)   masks, overlays; -> + output_uri, overlay_uri, classes; pixels dropped
-                          (the driver records the outcome: ledger.py)
+    write   (in the CRF task, else 0-CPU tasks)  masks, overlays; -> + output_uri, overlay_uri,
+                          classes; pixels dropped (the driver records the outcome: ledger.py)
 
 Every stage runs its batch under poison.guarded: an input that kills its worker process ends as
 an error row of that stage instead of making Ray retry it without end.
@@ -67,6 +67,7 @@ class InferencePlan:
     max_input_pixels: int
     storage_options: Mapping[str, Any] | None
     guard: Guard | None = None  # worker deaths per batch/input (None: Ray's own retries only)
+    autocast: bool | None = None  # bf16 autocast of the forwards (precision.py); None: on for CUDA only
 
     @property
     def run_crf(self) -> bool:
@@ -208,6 +209,10 @@ class ModelStage:
             torch.set_num_threads(max(1, num_threads))
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        # NHWC on CPU: oneDNN's convolutions skip their reorders (precision.py)
+        self.channels_last = device == "cpu"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.plan = plan
 
     def _probs(self, images: list[np.ndarray], scales, flip: bool):
@@ -217,10 +222,12 @@ class ModelStage:
         from deeplab_core.tta import predict_probs
 
         batch = torch.stack([normalize(img, self.plan.mean, self.plan.std) for img in images])
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         # Scoring (evaluate_model: promotion, registered metrics) runs in float32 like training's
         # validation, so the numbers compared are the same computation; masks may use bf16 on GPU.
         return predict_probs(self.model, batch, scales=scales, flip=flip, fusion=self.plan.fusion,
-                             max_pixels=self.plan.max_pixels, autocast=False if self.plan.score else None)
+                             max_pixels=self.plan.max_pixels, autocast=False if self.plan.score else self.plan.autocast)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return guarded(self.plan.guard, "model", batch, self._run)
@@ -316,9 +323,12 @@ def _groups_by_shape(batch: dict[str, np.ndarray]) -> list[list[int]]:
     return list(groups.values())
 
 
-def crf_stage(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np.ndarray]:
-    """Dense CRF (pydensecrf, one image at a time) on the model's probabilities."""
-    return guarded(plan.guard, "crf", batch, lambda b: _crf(b, plan))
+def crf_stage(batch: dict[str, np.ndarray], plan: InferencePlan,
+              write: WriteSpec | None = None) -> dict[str, np.ndarray]:
+    """Dense CRF (pydensecrf, one image at a time) on the model's probabilities; with `write`,
+    the refined masks are written by this same task (write_stage), as soon as they exist."""
+    refined = guarded(plan.guard, "crf", batch, lambda b: _crf(b, plan))
+    return refined if write is None else write_stage(refined, write)
 
 
 def _crf(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np.ndarray]:
