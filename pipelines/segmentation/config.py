@@ -83,6 +83,9 @@ class SegmentConfig(WithTTA):
     num_model_actors: int = Field(1, ge=1)
     cpus_per_model_actor: float = Field(1.0, gt=0, description="CPU actors: torch threads per actor (ignored on GPU)")
     crf_workers: int = Field(2, ge=1, description="CRF processes running at once")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="model forwards: fp32, bf16 autocast, or auto (bf16 on GPUs; on CPUs as "
+                            "pipelines/segmentation/precision.py decides). Scoring always runs fp32")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: one GPU per model actor when "
                                                                        "the cluster has GPUs")
     since: str | None = Field(None, description="prefix inputs only: only files modified at/after this ISO "

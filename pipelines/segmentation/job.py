@@ -7,7 +7,7 @@ Stages (streaming: every stage runs while the others do; see stages.py)::
       -> read + decode           CPU tasks    bad input becomes an error row, never a crash
       -> model                   actor pool   predict_probs (scales, flip); GPU when present
       -> dense CRF               CPU tasks    separate processes (pydensecrf holds the GIL)
-      -> write                   CPU tasks    masks, overlays
+      -> write                   in the CRF task (else 0-CPU tasks): masks, overlays as made
     record                       (driver)     results + ledger checkpoints, one file each per run
 
 An input that kills its worker process ends as an error row (poison.py). Output layout and the
@@ -31,10 +31,11 @@ from pipelines import tracking
 from pipelines.common.cluster_paths import check_shared_paths
 from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.data.errors import ErrorRecord
+from pipelines.common.errors import InputError
 from pipelines.common.redaction import redact_urls
 from pipelines.common.uris import absolute_uri, join_uri
 from pipelines.data.storage import check_access, get_fs
-from pipelines.segmentation import crf_settings, ledger, lease
+from pipelines.segmentation import crf_settings, ledger, lease, precision, resources
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     ERRORS_DIR,
@@ -94,6 +95,11 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, model_uri: st
     crf = f"CRF {plan.crf_backend}" + (" (in the model actor)" if plan.crf_in_model else "") if plan.run_crf else "no CRF"
     print(f"[segment] model {model_uri} ({plan.num_classes} classes) on {'GPU' if gpu else 'CPU'}; "
           f"scales {format_scales(cfg.tta.scales)}, flip {cfg.tta.flip}, {crf}", flush=True)
+    # Ray Data would wait without end for resources the cluster does not have (resources.py).
+    problem = resources.plan_problem(cfg.num_model_actors, cfg.cpus_per_model_actor, gpu,
+                                     plan.run_crf and not plan.crf_in_model, resources.cluster_nodes())
+    if problem:
+        raise InputError(problem)
     ds = build_dataset(todo, plan, ray.put(model), batch_size=cfg.batch_size,
                        num_model_actors=cfg.num_model_actors, cpus_per_model_actor=cfg.cpus_per_model_actor,
                        crf_workers=cfg.crf_workers, gpu=gpu, write=write)
@@ -225,7 +231,8 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
         plan = InferencePlan.for_model(
             model, meta, gpu=gpu, crf_backend=cfg.crf_backend, tta=cfg.tta, max_pixels=cfg.max_pixels,
             crf=cfg.crf, crf_params=crf_params, table=evaluate, score=False, overlays=cfg.overlays,
-            max_input_pixels=cfg.max_input_pixels, storage_options=options, guard=guard)
+            max_input_pixels=cfg.max_input_pixels, storage_options=options, guard=guard,
+            autocast=precision.autocast_for(cfg.precision, gpu))
     write = WriteSpec(cfg.output, run_id, model_uri, cfg.crf, cfg.overlays, cfg.overlay_alpha, options,
                       crf_backend=choose_backend(cfg.crf_backend, gpu), crf_source=crf_source,
                       crf_params=crf_settings.params_json(crf_params), guard=guard)

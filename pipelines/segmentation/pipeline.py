@@ -12,6 +12,7 @@ from pipelines.common.errors import InputError
 from pipelines.common.redaction import redact_urls
 from pipelines.common.uris import absolute_uri
 from pipelines.segmentation.columns import initial_status
+from pipelines.segmentation import resources
 from pipelines.segmentation.io import InputItem
 from pipelines.segmentation.stages import (
     InferencePlan,
@@ -19,16 +20,15 @@ from pipelines.segmentation.stages import (
     WriteSpec,
     crf_stage,
     decode_stage,
-    score_stage,
-    write_stage,
 )
+from pipelines.segmentation.stages.score import score_then_write
 
 
 def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *, batch_size: int,
                   num_model_actors: int, cpus_per_model_actor: float, crf_workers: int, gpu: bool,
                   write: WriteSpec | None):
-    """decode -> model -> [crf] -> [score] -> [write] over ``items``; rows are per-image
-    summaries (no pixels)."""
+    """decode -> model -> [crf] -> [score] -> [write] over ``items`` (score and write in the CRF
+    task, or in one 0-CPU task); rows are per-image summaries (no pixels)."""
     import ray.data
 
     status = {k: v[0] for k, v in initial_status(1).items()}
@@ -44,7 +44,7 @@ def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *,
     # 0.5 CPU: unequal resources keep Ray Data from fusing the decode into the model actors,
     # so decoding overlaps inference instead of running inside the actor.
     ds = ds.map_batches(decode_stage, fn_kwargs={"plan": plan}, batch_size=batch_size,
-                        batch_format="numpy", num_cpus=0.5, **tasks)
+                        batch_format="numpy", num_cpus=resources.DECODE_CPUS, **tasks)
     model_resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": cpus_per_model_actor}
     ds = ds.map_batches(
         ModelStage,
@@ -53,16 +53,16 @@ def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *,
         compute=ray.data.ActorPoolStrategy(size=num_model_actors),
         batch_size=batch_size, batch_format="numpy", **model_resources, **actors,
     )
+    # Masks are scored and written as they are made (a kill loses only the batches in flight): by
+    # the CRF task that refined them, else by tasks that need no CPU. A 0.25-CPU write task never
+    # got a CPU while the model actor and the CRF tasks held them all: every mask came at the end.
     if plan.run_crf and not plan.crf_in_model:
-        ds = ds.map_batches(crf_stage, fn_kwargs={"plan": plan}, batch_size=batch_size,
-                            batch_format="numpy", num_cpus=1,
+        ds = ds.map_batches(crf_stage, fn_kwargs={"plan": plan, "write": write}, batch_size=batch_size,
+                            batch_format="numpy", num_cpus=resources.CRF_CPUS,
                             compute=ray.data.TaskPoolStrategy(size=crf_workers), **tasks)
-    if plan.with_masks:
-        ds = ds.map_batches(score_stage, fn_kwargs={"plan": plan}, batch_size=batch_size,
-                            batch_format="numpy", num_cpus=0.25, **tasks)
-    if write is not None:
-        ds = ds.map_batches(write_stage, fn_kwargs={"spec": write}, batch_size=batch_size,
-                            batch_format="numpy", num_cpus=0.25, **tasks)
+    elif plan.with_masks or write is not None:
+        ds = ds.map_batches(score_then_write, fn_kwargs={"plan": plan, "write": write}, batch_size=batch_size,
+                            batch_format="numpy", num_cpus=0, **tasks)
     return ds.select_columns(plan.summary_columns(write=write is not None))
 
 
@@ -88,9 +88,11 @@ def model_errors(uri: str) -> Iterator[None]:
 def load_checked_model(uri: str, storage_options: Mapping[str, Any] | None,
                        load: bool = True) -> tuple[str, Any, dict]:
     """(pinned URI, model, meta); with `load=False` only the URI is checked and pinned."""
-    from pipelines.tracking import load_model
-
     with model_errors(uri):
         model_uri = resolve_model(uri)
-        model, meta = load_model(model_uri, storage_options=storage_options) if load else (None, {})
+        if not load:
+            return model_uri, None, {}
+        from pipelines.tracking import load_model  # torch: only when a model is loaded
+
+        model, meta = load_model(model_uri, storage_options=storage_options)
     return model_uri, model, meta

@@ -3,8 +3,9 @@
     decode.py  (CPU tasks)   id, uri, mask_uri -> + image, [gt, has_gt], status, seconds_decode
     model.py   (actor pool)  -> + label, [probs], [label_plain, label_tta], seconds_model
     crf.py     (CPU tasks, or in the model actor with the torch backend) -> label refined, [label_crf]
-    score.py   (CPU tasks, with ground truth) -> confusion matrices per image and variant
-    write.py   (CPU tasks)   masks, overlays; -> + output_uri, overlay_uri, classes; pixels dropped
+    score.py   (with ground truth) -> confusion matrices per image and variant
+    write.py   masks, overlays; -> + output_uri, overlay_uri, classes; pixels dropped
+               (score and write run in the CRF task, else in one 0-CPU task: masks as made)
 
 `plan.py` holds the InferencePlan every stage reads; the column names are
 `pipelines.segmentation.columns`. Every stage runs its batch under poison.guarded: an input that

@@ -25,11 +25,16 @@ from pipelines.segmentation.columns import (
 )
 from pipelines.segmentation.poison import guarded
 from pipelines.segmentation.stages.plan import InferencePlan
+from pipelines.segmentation.stages.score import score_then_write
+from pipelines.segmentation.stages.write import WriteSpec
 
 
-def crf_stage(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np.ndarray]:
-    """Dense CRF, one image at a time (an image that fails is that image's error)."""
-    return guarded(plan.guard, "crf", batch, lambda b: _crf(b, plan))
+def crf_stage(batch: dict[str, np.ndarray], plan: InferencePlan,
+              write: WriteSpec | None = None) -> dict[str, np.ndarray]:
+    """Dense CRF, one image at a time (an image that fails is that image's error); the refined
+    batch is scored (with ground truth) and, with `write`, written by this same task, as soon as
+    the masks exist."""
+    return score_then_write(guarded(plan.guard, "crf", batch, lambda b: _crf(b, plan)), plan, write)
 
 
 def _crf(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np.ndarray]:

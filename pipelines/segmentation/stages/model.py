@@ -46,6 +46,10 @@ class ModelStage:
             torch.set_num_threads(max(1, num_threads))
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        # NHWC on CPU: oneDNN's convolutions skip their reorders (precision.py)
+        self.channels_last = device == "cpu"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.plan = plan
 
     def _probs(self, images: list[np.ndarray], tta):
@@ -55,9 +59,12 @@ class ModelStage:
         from deeplab_core.tta import predict
 
         batch = torch.stack([normalize(img, self.plan.mean, self.plan.std) for img in images])
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         # Scoring (evaluate_model: promotion, registered metrics) runs in float32 like training's
-        # validation, so the numbers compared are the same computation; masks may use bf16 on GPU.
-        return predict(self.model, batch, tta, self.plan.max_pixels, autocast=False if self.plan.score else None)
+        # validation, so the numbers compared are the same computation; masks follow the plan's precision.
+        return predict(self.model, batch, tta, self.plan.max_pixels,
+                       autocast=False if self.plan.score else self.plan.autocast)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return guarded(self.plan.guard, "model", batch, self._run)

@@ -23,10 +23,20 @@ from pipelines.segmentation.columns import (
 )
 from pipelines.segmentation.poison import guarded
 from pipelines.segmentation.stages.plan import InferencePlan
+from pipelines.segmentation.stages.write import WriteSpec, write_stage
 
 
 def score_stage(batch: dict[str, np.ndarray], plan: InferencePlan) -> dict[str, np.ndarray]:
     return guarded(plan.guard, "score", batch, lambda b: _score(b, plan))
+
+
+def score_then_write(batch: dict[str, np.ndarray], plan: InferencePlan,
+                     write: WriteSpec | None = None) -> dict[str, np.ndarray]:
+    """The end of the stream in the task that has the labels (the CRF task, else a 0-CPU task):
+    scored with ground truth, then written with a spec, as soon as they exist."""
+    if plan.with_masks:
+        batch = score_stage(batch, plan)
+    return batch if write is None else write_stage(batch, write)
 
 
 def scored_columns(plan: InferencePlan) -> dict[str, str]:

@@ -1,0 +1,100 @@
+"""Masks stream out of a CRF run as they are made, and a resource plan the cluster cannot
+schedule is refused, on the session Ray cluster (4 CPUs).
+
+Three CRF tasks (pydensecrf, 1 CPU each) and the model actor (1 CPU) hold all four CPUs, the
+way one actor and one CRF task hold a 2-CPU machine: a write step that needs a CPU of its own
+waits until the end of the run. One run goes to its end: its first mask comes long before the
+end (file times). A second run on the same inputs is killed
+(SIGKILL, process group) half way through the first run's span of mask writes, counted from its
+own first mask (the model actor's start, torch import included, varies with the machine's
+load): at least 40 % of its masks are already on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deeplab_core.synthetic import SyntheticSpec
+from pipelines.common.errors import InputError
+from pipelines.data.synthetic import write_synthetic_voc
+from pipelines.segmentation.config import SegmentConfig
+from pipelines.segmentation.job import run_segmentation
+from tests.helpers import untrained_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+COUNT = 32
+SPEC = SyntheticSpec(height=192, width=256)  # CRF seconds well above the per-batch overheads
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ray_cluster):
+    root = tmp_path_factory.mktemp("stream")
+    data = write_synthetic_voc(str(root / "data"), 0, COUNT, SPEC, seed=11)
+    checkpoint = untrained_checkpoint(root / "ckpt", SPEC.num_classes)
+    return root, data["val_manifest"], checkpoint
+
+
+def _start(ray_cluster, checkpoint: str, manifest: str, output: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "pipelines/segment.py", "--model", checkpoint, "--input", manifest,
+           "--output", str(output), "--batch-size", "2", "--crf-workers", "3", "--crf-iterations", "10",
+           "--scales", "1", "--no-flip"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_line(proc: subprocess.Popen, prefix: str, lines: list[str]) -> float:
+    """Reads the run's output until a line starting with `prefix`; the time it was seen."""
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return time.time()
+    raise AssertionError(f"no {prefix!r} line; output:\n{''.join(lines)}")
+
+
+def _mask_times(output: Path) -> list[float]:
+    return sorted(p.stat().st_mtime for p in (output / "masks").glob("*.png"))
+
+
+def test_masks_are_written_as_they_are_made_and_a_kill_half_way_keeps_them(setup, ray_cluster):
+    root, manifest, checkpoint = setup
+    full = _start(ray_cluster, checkpoint, manifest, root / "full")
+    lines: list[str] = []
+    started = _wait_for_line(full, "[segment] model ", lines)  # Ray is up, the pipeline starts
+    ended = _wait_for_line(full, "[segment] read ", lines)  # the summary line
+    full.communicate(timeout=120)
+    times = _mask_times(root / "full")
+    assert len(times) == COUNT, "".join(lines)
+    span = ended - times[0]
+    assert span >= 0.3 * (ended - started), f"first mask {span:.1f} s before the end of a {ended - started:.1f} s run"
+
+    killed = _start(ray_cluster, checkpoint, manifest, root / "killed")
+    try:
+        deadline = time.time() + 300
+        while not _mask_times(root / "killed") and killed.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(span / 2)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)  # the driver dies without any clean-up
+        killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    on_disk = len(_mask_times(root / "killed"))
+    assert 0.4 * COUNT <= on_disk < COUNT, f"{on_disk}/{COUNT} masks on disk {span / 2:.1f} s after the first"
+
+
+def test_a_plan_the_cluster_cannot_schedule_is_refused_before_ray_data_starts(setup, ray_cluster):
+    root, manifest, checkpoint = setup
+    cfg = SegmentConfig(model=checkpoint, input=manifest, output=str(root / "refused"), cpus_per_model_actor=4)
+    started = time.monotonic()
+    with pytest.raises(InputError, match=r"^resource plan does not fit the cluster: .*"
+                                         r"what fits: --cpus-per-model-actor 3$"):
+        run_segmentation(cfg)  # 4 CPUs: a 4-CPU actor leaves no room for decode (before: a hang)
+    assert time.monotonic() - started < 60
+    assert not (root / "refused" / "masks").exists()
