@@ -1,13 +1,15 @@
 """Batch segmentation on Ray Data: multi-scale + flip inference, dense CRF, idempotent outputs.
 
-Stages (streaming: every stage runs while the others do; see stages.py)::
+Stages (streaming: every stage runs while the others do; one module each under stages/, composed
+by pipeline.py; the plan they share is built here, InferencePlan.for_model)::
 
     lease on the output          (driver)     one run per output at a time (lease.py)
     list prefix / read manifest  (driver)     ids checked, settled inputs skipped (ledger.py)
+    CRF set, plan                (driver)     crf_settings.for_model, InferencePlan.for_model
       -> read + decode           CPU tasks    bad input becomes an error row, never a crash
-      -> model                   actor pool   predict_probs (scales, flip); GPU when present
-      -> dense CRF               CPU tasks    separate processes (pydensecrf holds the GIL)
-      -> write                   in the CRF task (else 0-CPU tasks): masks, overlays as made
+      -> model                   actor pool   tta.predict (the run's TTASettings); GPU when present
+      -> dense CRF               CPU tasks    crf.refine; separate processes (pydensecrf holds the GIL)
+      -> score, write            in the CRF task (else 0-CPU tasks): masks, overlays as made
     record                       (driver)     results + ledger checkpoints, one file each per run
 
 An input that kills its worker process ends as an error row (poison.py). Output layout and the
