@@ -137,3 +137,17 @@ def test_a_tick_with_nothing_to_do_imports_neither_torch_nor_ray(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"skipped": 2, "read": 2, "loaded": []}
+
+
+def test_links_are_listed_as_fsspec_listed_them(tmp_path):
+    root = tmp_path / "in"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "t.jpg").write_bytes(b"target")
+    os.symlink(root / "real" / "t.jpg", root / "good.jpg")
+    os.symlink(root / "missing.jpg", root / "broken.jpg")  # unreadable until its target appears
+    os.symlink(root / "real", root / "linked")  # a linked folder is not walked into
+    os.utime(root / "broken.jpg", (1_600_000_000.25,) * 2, follow_symlinks=False)
+    table = list_input_table(str(root))
+    got = list(zip(*(table[c].to_pylist() for c in ("id", "uri", "size", "mtime"))))
+    assert got == fsspec_listing(root, tmp_path / "none")
+    assert [(r[0], r[2]) for r in got] == [("broken", 0), ("good", 6), ("real/t", 6)]
