@@ -340,7 +340,7 @@ class _stdout:
 
 def table(rows: list[dict]) -> str:
     lines = ["| code | storage | settled N | tick | seconds | driver CPU s | listing alone s | requests | "
-             "of which listing | requests by method | peak RSS MiB | load |",
+             "of which LIST | requests by method | peak RSS MiB | load |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     nan = float("nan")
     for r in rows:
@@ -377,9 +377,9 @@ def section(rows: list[dict], command: str, labels: str) -> str:
         f"`{command}` (each configuration in a fresh process; this "
         f"machine: {os.cpu_count()} cores shared with other work, Python {platform.python_version()}; the "
         "load column is the 1-minute load average when the tick ended). " + labels + " Requests: S3 = every "
-        "HTTP request moto's server logged during the tick (driver and Ray workers), listing = its "
-        "ListObjectsV2 pages; local = fsspec calls and os.scandir calls (listing: one per directory) "
-        "in the driver. Driver CPU s: the driver process's CPU time during the tick (steadier than "
+        "HTTP request moto's server logged during the tick (driver and Ray workers), LIST = its "
+        "ListObjectsV2 pages (1,000 keys each: the inputs', `ledger/`'s and `_lease/`'s); local = fsspec "
+        "calls and os.scandir calls (LIST: one per directory) in the driver. Driver CPU s: the driver process's CPU time during the tick (steadier than "
         "the wall time on a loaded machine). Listing alone: the input prefix listed once with sizes "
         "and times right after the tick (local: os.scandir + stat; S3: s3fs find).",
         "",
