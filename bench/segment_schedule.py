@@ -30,6 +30,7 @@ import atexit
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -227,6 +228,7 @@ def child(args: argparse.Namespace) -> None:
 
     has_ledger = importlib.util.find_spec("pipelines.segmentation.ledger") is not None
     workdir = Path(tempfile.mkdtemp(prefix="bench-schedule-"))
+    atexit.register(shutil.rmtree, workdir, True)  # up to 100k files; runs last (after moto stops)
     local = args.storage == "local"
     moto = None
     if local:
