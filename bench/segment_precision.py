@@ -29,7 +29,7 @@ from deeplab_core.metrics import confusion_matrix, segmentation_metrics  # noqa:
 from deeplab_core.synthetic import SyntheticSpec, render_scene  # noqa: E402
 from deeplab_core.transforms import normalize  # noqa: E402
 from deeplab_core.tta import predict_probs  # noqa: E402
-from pipelines.common.checkpoints import load_model  # noqa: E402
+from pipelines.tracking import load_model  # noqa: E402
 from pipelines.data.manifest import read_manifest  # noqa: E402
 from pipelines.data.rows import RowDecoder  # noqa: E402
 from pipelines.segmentation.precision import cpu_has_native_bf16  # noqa: E402

@@ -30,6 +30,7 @@ import atexit
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,7 +78,8 @@ class PeakRSS:
 
 
 class LocalCalls:
-    """Counts outermost fsspec LocalFileSystem calls (a call made inside another is not counted)."""
+    """Counts outermost fsspec LocalFileSystem calls (a call made inside another is not counted)
+    and os.scandir calls (one per directory listed: the listing walks with it, not with fsspec)."""
 
     NAMES = ("ls", "find", "info", "exists", "isdir", "isfile", "_open", "cat_file", "pipe_file", "rm", "rm_file",
              "mv", "makedirs", "mkdir", "put_file", "get_file", "touch", "glob", "walk")
@@ -90,6 +92,16 @@ class LocalCalls:
             original = getattr(LocalFileSystem, name, None)
             if original is not None:
                 setattr(LocalFileSystem, name, self._wrap(original))
+        self.listings = 0
+        scandir = os.scandir
+
+        def counted_scandir(*args, **kwargs):
+            self.listings += 1
+            if getattr(self._depth, "n", 0) == 0:
+                self.count += 1
+            return scandir(*args, **kwargs)
+
+        os.scandir = counted_scandir
 
     def _wrap(self, original):
         def counted(*args, **kwargs):
@@ -155,12 +167,16 @@ def put_many(fs, files: dict[str, bytes], local: bool) -> None:
 
 def settle_ledger(input_uri: str, output: str, options) -> None:
     """This version: the inputs as listed now, settled ok in one compacted ledger file."""
+    from pipelines.segmentation import io as seg_io
     from pipelines.segmentation import ledger
-    from pipelines.segmentation.io import list_inputs
 
-    listing = list_inputs(input_uri, options, exclude_prefix=output)
-    rows = [ledger.ledger_row(i.id, i.uri, i.size, i.etag, i.mtime, "ok", None, None, 0, 3, "bench")
-            for i in listing.items]
+    if hasattr(seg_io, "list_input_table"):
+        t = seg_io.list_input_table(input_uri, options, exclude_prefix=output)
+        items = zip(*(t[c].to_pylist() for c in ("id", "uri", "size", "etag", "mtime")))
+    else:  # the ledger's first version
+        items = ((i.id, i.uri, i.size, i.etag, i.mtime)
+                 for i in seg_io.list_inputs(input_uri, options, exclude_prefix=output).items)
+    rows = [ledger.ledger_row(*item, "ok", None, None, 0, 3, "bench") for item in items]
     ledger.write_entries(output, f"{ledger.COMPACT_PREFIX}bench", rows, options)
 
 
@@ -214,6 +230,7 @@ def child(args: argparse.Namespace) -> None:
 
     has_ledger = importlib.util.find_spec("pipelines.segmentation.ledger") is not None
     workdir = Path(tempfile.mkdtemp(prefix="bench-schedule-"))
+    atexit.register(shutil.rmtree, workdir, True)  # up to 100k files; runs last (after moto stops)
     local = args.storage == "local"
     moto = None
     if local:
@@ -253,28 +270,34 @@ def child(args: argparse.Namespace) -> None:
 
     def tick(name: str) -> dict:
         before = counter.count if local else len(moto.requests())
+        listings_before = counter.listings if local else 0
         with PeakRSS() as rss:
-            start = time.monotonic()
+            start, cpu = time.monotonic(), time.process_time()
             with open(os.devnull, "w") as sink, _stdout(sink):
                 report = run_segmentation(cfg)
-            seconds = time.monotonic() - start
+            seconds, cpu = time.monotonic() - start, time.process_time() - cpu
         time.sleep(0.5 if not local else 0)  # let moto flush its log
         if local:
-            requests, kinds = counter.count - before, {}
+            requests, kinds, pages = counter.count - before, {}, counter.listings - listings_before
         else:
             lines = moto.requests()[before:]
             requests = len(lines)
+            pages = sum(1 for line in lines if line.startswith("GET ") and "list-type=2" in line)
             kinds = {}
             for line in lines:
                 method = line.split(" ", 1)[0]
                 kinds[method] = kinds.get(method, 0) + 1
         fs.invalidate_cache()
         start = time.monotonic()
-        fs.find(path(input_uri), detail=True)  # the one listing no tick can avoid, alone
+        if local:  # the one listing no tick can avoid, alone: names, sizes and times of every file
+            walk_stat(path(input_uri))
+        else:
+            fs.find(path(input_uri), detail=True)
         listing = time.monotonic() - start
         return {"tick": name, "n": args.n, "storage": args.storage, "code": "ledger" if has_ledger else "watermark",
                 "listing_s": round(listing, 3),
-                "seconds": round(seconds, 3), "load": round(os.getloadavg()[0], 1), "requests": requests, "by_method": kinds,
+                "seconds": round(seconds, 3), "cpu_s": round(cpu, 3), "load": round(os.getloadavg()[0], 1),
+                "requests": requests, "listing_requests": pages, "by_method": kinds,
                 "peak_rss_mib": round(rss.peak_mib, 1), "ok": report.ok, "skipped": report.skipped,
                 "setup_s": round(setup, 1)}
 
@@ -286,6 +309,21 @@ def child(args: argparse.Namespace) -> None:
 
     ensure_ray()  # started before the tick (not timed); ends with this process however it ends
     print(json.dumps(tick(f"+{NEW_IMAGES}")), flush=True)
+
+
+def walk_stat(root: str) -> int:
+    """Every file under ``root`` stat-ed (os.scandir): the floor of a local listing that tells a
+    changed file; returns how many."""
+    stack, n = [root], 0
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    stack.append(entry.path)
+                else:
+                    entry.stat()
+                    n += 1
+    return n
 
 
 class _stdout:
@@ -305,13 +343,16 @@ class _stdout:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| code | storage | settled N | tick | seconds | listing alone s | requests | requests by method | "
-             "peak RSS MiB | load |", "|---|---|---:|---|---:|---:|---:|---|---:|---:|"]
+    lines = ["| code | storage | settled N | tick | seconds | driver CPU s | listing alone s | requests | "
+             "of which LIST | requests by method | peak RSS MiB | load |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    nan = float("nan")
     for r in rows:
         methods = ", ".join(f"{k} {v}" for k, v in sorted(r["by_method"].items())) or "-"
+        pages = f"{r['listing_requests']:,}" if "listing_requests" in r else "-"
         lines.append(f"| {r['label']} | {r['storage']} | {r['n']:,} | {r['tick']} | {r['seconds']:.2f} | "
-                     f"{r.get('listing_s', float('nan')):.2f} | "
-                     f"{r['requests']:,} | {methods} | {r['peak_rss_mib']:.0f} | {r.get('load', float('nan')):.0f} |")
+                     f"{r.get('cpu_s', nan):.2f} | {r.get('listing_s', nan):.2f} | "
+                     f"{r['requests']:,} | {pages} | {methods} | {r['peak_rss_mib']:.0f} | {r.get('load', nan):.0f} |")
     return "\n".join(lines)
 
 
@@ -332,18 +373,19 @@ def run_child(n: int, storage: str, code: str | None, timeout: float) -> list[di
     return rows
 
 
-def section(rows: list[dict]) -> str:
+def section(rows: list[dict], command: str, labels: str) -> str:
     """The docs section: how it was measured, the table, and the no-op tick's growth."""
     import platform
 
     lines = [
-        "`python bench/segment_schedule.py --code before=<a copy of the version before the ledger> "
-        "--json rows.jsonl --output docs/benchmarks.md` (each configuration in a fresh process; this "
+        f"`{command}` (each configuration in a fresh process; this "
         f"machine: {os.cpu_count()} cores shared with other work, Python {platform.python_version()}; the "
-        "load column is the 1-minute load average when the tick ended). `before`: the `--since last` "
-        "watermark, one results part per batch of 4; `after`: the ledger. Requests: S3 = every HTTP "
-        "request moto's server logged during the tick (driver and Ray workers); local = fsspec calls "
-        "in the driver.",
+        "load column is the 1-minute load average when the tick ended). " + labels + " Requests: S3 = every "
+        "HTTP request moto's server logged during the tick (driver and Ray workers), LIST = its "
+        "ListObjectsV2 pages (1,000 keys each: the inputs', `ledger/`'s and `_lease/`'s); local = fsspec "
+        "calls and os.scandir calls (LIST: one per directory) in the driver. Driver CPU s: the driver process's CPU time during the tick (steadier than "
+        "the wall time on a loaded machine). Listing alone: the input prefix listed once with sizes "
+        "and times right after the tick (local: os.scandir + stat; S3: s3fs find).",
         "",
         table(rows),
         "",
@@ -353,9 +395,13 @@ def section(rows: list[dict]) -> str:
             noop = {r["n"]: r for r in rows if (r["label"], r["storage"], r["tick"]) == (label, storage, "no-op")}
             if len(noop) >= 2 and min(noop) in noop:
                 small, large = noop[min(noop)], noop[max(noop)]
+                cpu = (f", {large['cpu_s'] / max(small['cpu_s'], 1e-9):.1f}x the driver's CPU time"
+                       if "cpu_s" in small and "cpu_s" in large else "")
+                listing = (f"; the tick takes {large['seconds'] / large['listing_s']:.1f}x the listing alone"
+                           if large.get("listing_s") else "")
                 lines.append(f"- {label}, {storage}: the no-op tick at {large['n']:,} settled inputs takes "
-                             f"{large['seconds'] / max(small['seconds'], 1e-9):.1f}x the time at {small['n']:,} and "
-                             f"{large['requests']:,} requests ({small['requests']:,} at {small['n']:,}).")
+                             f"{large['seconds'] / max(small['seconds'], 1e-9):.1f}x the time at {small['n']:,}{cpu}, "
+                             f"and {large['requests']:,} requests ({small['requests']:,} at {small['n']:,}){listing}.")
     return "\n".join(lines)
 
 
@@ -366,6 +412,7 @@ def main() -> None:
     p.add_argument("--code", action="append", default=[], metavar="LABEL=DIR",
                    help="also measure this checkout's pipelines/ (repeatable)")
     p.add_argument("--label", default="after", help="this checkout's label")
+    p.add_argument("--labels", default="", help="what the labels are (the docs section's text)")
     p.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
     p.add_argument("--output", default=None, help="Markdown file to write the section to (from --json rows)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child")
@@ -391,7 +438,8 @@ def main() -> None:
         sys.path.insert(0, str(REPO))
         from bench.report import replace_section
 
-        replace_section(args.output, SECTION, section(rows))
+        command = "python bench/segment_schedule.py " + " ".join(sys.argv[1:])
+        replace_section(args.output, SECTION, section(rows, command, args.labels))
     print(table(rows))
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from deeplab_core.constants import CRFParams
@@ -44,9 +45,9 @@ from pipelines.segmentation.io import (
     RESULTS_SCHEMA,
     STATUS_OK,
     InputItem,
-    InputListing,
+    checked_items,
     error_row,
-    list_inputs,
+    list_input_table,
     migrate_to_ledger,
     parse_time,
     write_state,
@@ -134,13 +135,13 @@ class Todo:
     error: ErrorRecord | None = None  # known before any worker sees it (an unusable id)
 
 
-def select_work(cfg: SegmentConfig, listing: InputListing, settled: pa.Table) -> list[Todo]:
-    """The listed inputs this run processes (ledger.select); the rest count as skipped."""
-    pairs = [(item, None) for item in listing.items] + list(zip(listing.rejected, listing.errors))
-    work, attempts = ledger.select(ledger.listed_table([item for item, _ in pairs]), settled,
-                                   max_attempts=cfg.max_attempts, reprocess_changed=cfg.reprocess_changed,
-                                   retry_errors=cfg.retry_errors)
-    return [Todo(item, int(attempts[i]), error) for i, (item, error) in enumerate(pairs) if work[i]]
+def select_work(cfg: SegmentConfig, listed: pa.Table, settled: pa.Table) -> list[Todo]:
+    """The listed inputs this run processes (ledger.select, vectorised); only they become
+    InputItems and have their ids checked (checked_items): the rest count as skipped."""
+    work, attempts = ledger.select(listed, settled, max_attempts=cfg.max_attempts,
+                                   reprocess_changed=cfg.reprocess_changed, retry_errors=cfg.retry_errors)
+    rows = np.flatnonzero(work)
+    return [Todo(item, int(attempts[row]), error) for row, (item, error) in zip(rows, checked_items(listed, rows))]
 
 
 def _text(value: Any) -> str | None:
@@ -202,23 +203,27 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
         files = ledger.ledger_files(cfg.output, options)
     settled = ledger.read_ledger(cfg.output, options, files)
     since = parse_time(cfg.since) if cfg.since not in (None, "last") else None
-    listing = list_inputs(cfg.input, options, since=since, exclude_prefix=cfg.output)
-    todo = select_work(cfg, listing, settled)
+    listed = list_input_table(cfg.input, options, since=since, exclude_prefix=cfg.output)
+    todo = select_work(cfg, listed, settled)
     known_errors = [t for t in todo if t.error is not None]
     work = [t.item for t in todo if t.error is None]
-    skipped = listing.read - len(todo)
+    skipped = listed.num_rows - len(todo)
     retried = sum(1 for t in todo if t.attempts)
-    # The decode and write tasks may run on any node: refuse paths only this node sees.
-    check_shared_paths({"--input": cfg.input, "--output": cfg.output}, shared_fs=cfg.shared_fs,
-                       uris=((f"input {item.id}", item.uri) for item in work))
-    print(f"[segment] run {run_id}: {listing.read} input(s) from {redact_urls(cfg.input)}"
+    if work:  # The decode and write tasks may run on any node: refuse paths only this node sees.
+        check_shared_paths({"--input": cfg.input, "--output": cfg.output}, shared_fs=cfg.shared_fs,
+                           uris=((f"input {item.id}", item.uri) for item in work))
+    print(f"[segment] run {run_id}: {listed.num_rows} input(s) from {redact_urls(cfg.input)}"
           + (f" modified since {since.isoformat()}" if since else "")
           + f"; {skipped} already settled, {len(known_errors)} unusable id(s), {len(work)} to segment"
           + (f" ({retried} retried after a transient error)" if retried else ""), flush=True)
 
-    model_uri, model, meta = load_checked_model(cfg.model, options, load=bool(work))
-    with model_errors(cfg.model):  # the version's tuned CRF set is read from the registry
-        crf_params, crf_source = crf_settings.for_model(cfg.crf_params, model_uri)
+    if todo:
+        model_uri, model, meta = load_checked_model(cfg.model, options, load=bool(work))
+        with model_errors(cfg.model):  # the version's tuned CRF set is read from the registry
+            crf_params, crf_source = crf_settings.for_model(cfg.crf_params, model_uri)
+    else:  # a tick with nothing to do asks no registry, imports no torch and starts no Ray
+        model_uri, model, meta = cfg.model, None, {}
+        crf_params, crf_source = crf_settings.resolve(cfg.crf_params, None)
     if work and (cfg.crf or cfg.evaluate):
         print(f"[segment] CRF parameters ({crf_source}): {crf_settings.params_json(crf_params)}", flush=True)
     gpu, guard, plan = False, None, None
@@ -256,11 +261,12 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     if known_errors:
         errors_by_stage["id"] = errors_by_stage.get("id", 0) + len(known_errors)
     report = SegmentReport(
-        run_id=run_id, model_uri=model_uri, read=listing.read, ok=tally.ok,
+        run_id=run_id, model_uri=model_uri, read=listed.num_rows, ok=tally.ok,
         errors=tally.errors + len(known_errors), skipped=skipped,
         seconds=time.monotonic() - started, stage_seconds=dict(tally.seconds),
         errors_by_stage=errors_by_stage, evaluation=evaluation, table=table, crf_backend=crf_backend,
-        crf_source=crf_source if cfg.crf else None, crf_params=crf_settings.as_params(crf_params) if cfg.crf else None,
+        crf_source=crf_source if cfg.crf and todo else None,
+        crf_params=crf_settings.as_params(crf_params) if cfg.crf and todo else None,
     )
     last_run = {k: v for k, v in asdict(report).items() if k not in ("evaluation", "table")}
     write_state(cfg.output, last_run, options)

@@ -76,11 +76,17 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def read_parquet(fs, path: str) -> pa.Table:
-    """One GET per file (``cat_file``), not an open + ranged reads."""
+def parquet_table(data: bytes) -> pa.Table:
+    """A parquet file's table from its bytes (ParquetFile: pq.read_table would import
+    pyarrow.dataset, and with it pandas, half a second of a no-op tick)."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(io.BytesIO(fs.cat_file(path)))
+    return pq.ParquetFile(pa.BufferReader(data)).read()
+
+
+def read_parquet(fs, path: str) -> pa.Table:
+    """One GET per file (``cat_file``), not an open + ranged reads."""
+    return parquet_table(fs.cat_file(path))
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -92,17 +98,20 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def latest(table: pa.Table, keys: Sequence[str], order: str) -> pa.Table:
-    """One row per ``keys`` value: the one with the greatest ``order``."""
-    if table.num_rows == 0:
+    """One row per ``keys`` value: the one with the greatest ``order`` (sorted, then neighbours
+    compared with pyarrow compute: no Python object per row)."""
+    import pyarrow.compute as pc
+
+    if table.num_rows < 2:
         return table
-    table = table.sort_by([*((k, "ascending") for k in keys), (order, "ascending")])
-    last = np.ones(table.num_rows, bool)
+    table = table.take(pc.sort_indices(table, [*((k, "ascending") for k in keys), (order, "ascending")]))
     same = np.ones(table.num_rows - 1, bool)
     for key in keys:
-        values = table.column(key).to_numpy(zero_copy_only=False)
-        same &= values[1:] == values[:-1]
-    last[:-1] = ~same
-    return table.filter(pa.array(last))
+        values = table.column(key)
+        head, tail = values.slice(0, table.num_rows - 1), values.slice(1)
+        equal = pc.or_kleene(pc.equal(head, tail), pc.and_(pc.is_null(head), pc.is_null(tail)))
+        same &= pc.fill_null(equal, False).to_numpy(zero_copy_only=False)
+    return table.filter(pa.array(np.append(~same, True)))
 
 
 def list_files(uri: str, storage_options: Mapping[str, Any] | None, suffix: str = ".parquet") -> list[str]:
@@ -140,45 +149,68 @@ def ledger_files(output: str, storage_options: Mapping[str, Any] | None = None) 
 
 def read_ledger(output: str, storage_options: Mapping[str, Any] | None = None,
                 files: LedgerFiles | None = None) -> pa.Table:
-    """Every input's latest entry (checkpoints of killed runs included)."""
+    """Every input's latest entry (checkpoints of killed runs included). The files are fetched
+    together (concurrent GETs on object stores); a lone compaction is taken as it is (it holds
+    one entry per input by construction)."""
     fs, _ = get_fs(output, storage_options)
     files = files or ledger_files(output, storage_options)
     paths = files.settled + [p for parts in files.pending.values() for p in parts]
-    tables = [conform(read_parquet(fs, p), LEDGER_SCHEMA) for p in paths]
-    if not tables:
+    if not paths:
         return LEDGER_SCHEMA.empty_table()
+    blobs = fs.cat(paths) if len(paths) > 1 else {paths[0]: fs.cat_file(paths[0])}
+    tables = [conform(parquet_table(blobs[p]), LEDGER_SCHEMA) for p in paths]
+    if len(paths) == 1 and posixpath.basename(paths[0]).startswith(COMPACT_PREFIX):
+        return tables[0]
     return latest(pa.concat_tables(tables), ["id", "uri"], "settled_at")
 
 
 # --------------------------------------------------------------------------- selection
 
 
+def match(listed: pa.Table, settled: pa.Table) -> pa.Array:
+    """For each listed row, the row of ``settled`` with its ``(id, uri)``, null where none: a hash
+    lookup of the uri (``index_in``), then the ids compared; a uri settled under several ids (a
+    manifest may name one image twice) is looked up by both keys, for those rows only."""
+    import pyarrow.compute as pc
+
+    n = listed.num_rows
+    if settled.num_rows == 0:
+        return pa.nulls(n, pa.int64())
+    index = pc.fill_null(pc.index_in(listed["uri"], value_set=settled["uri"]), -1).to_numpy(zero_copy_only=False)
+    index = index.astype(np.int64)
+    found = np.flatnonzero(index >= 0)
+    same = pc.equal(listed["id"].take(found), settled["id"].take(index[found]))
+    other = found[~pc.fill_null(same, False).to_numpy(zero_copy_only=False)]
+    if other.size:
+        left = listed.select(["id", "uri"]).take(other).append_column("row", pa.array(other))
+        right = settled.select(["id", "uri"]).append_column("match", pa.array(np.arange(settled.num_rows)))
+        joined = left.join(right, keys=["id", "uri"], join_type="left outer")
+        index[joined["row"].to_numpy()] = pc.fill_null(joined["match"], -1).to_numpy()
+    return pa.array(index, mask=index < 0)
+
+
 def select(listed: pa.Table, settled: pa.Table, *, max_attempts: int, reprocess_changed: bool,
            retry_errors: bool) -> tuple[np.ndarray, np.ndarray]:
     """Which listed inputs a run processes, and their transient attempts so far (two arrays in
     the order of ``listed``: columns ``id, uri, size, etag, mtime``). Vectorised: a tick at 100k
-    settled inputs is one join, not 100k lookups."""
+    settled inputs is one hash lookup, not 100k Python lookups."""
     import pyarrow.compute as pc
 
     n = listed.num_rows
     if n == 0:
         return np.zeros(0, bool), np.zeros(0, np.int64)
-    listed = listed.append_column("row", pa.array(np.arange(n)))
-    right = settled.select(["id", "uri", "size", "etag", "mtime", "status", "kind", "attempts"])
-    right = right.rename_columns(["id", "uri", "s_size", "s_etag", "s_mtime", "s_status", "s_kind", "s_attempts"])
-    joined = listed.join(right, keys=["id", "uri"], join_type="left outer").sort_by("row")
+    entry = settled.select(["size", "etag", "mtime", "status", "kind", "attempts"]).take(match(listed, settled))
 
-    def differs(a: str, b: str) -> pa.ChunkedArray:  # unknown on either side never counts
-        return pc.fill_null(pc.not_equal(joined[a], joined[b]), False)
+    def differs(column: str) -> pa.ChunkedArray:  # unknown on either side never counts
+        return pc.fill_null(pc.not_equal(listed[column], entry[column]), False)
 
-    etags_known = pc.and_(pc.is_valid(joined["etag"]), pc.is_valid(joined["s_etag"]))
-    changed = pc.or_(differs("size", "s_size"),
-                     pc.if_else(etags_known, differs("etag", "s_etag"), differs("mtime", "s_mtime")))
-    new = pc.is_null(joined["s_status"]).to_numpy(zero_copy_only=False)
+    etags_known = pc.and_(pc.is_valid(listed["etag"]), pc.is_valid(entry["etag"]))
+    changed = pc.or_(differs("size"), pc.if_else(etags_known, differs("etag"), differs("mtime")))
+    new = pc.is_null(entry["status"]).to_numpy(zero_copy_only=False)
     changed = changed.to_numpy(zero_copy_only=False) & bool(reprocess_changed) & ~new
-    ok = pc.fill_null(pc.equal(joined["s_status"], "ok"), False).to_numpy(zero_copy_only=False)
-    attempts = pc.fill_null(joined["s_attempts"], 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    transient = pc.fill_null(pc.equal(joined["s_kind"], TRANSIENT), False).to_numpy(zero_copy_only=False)
+    ok = pc.fill_null(pc.equal(entry["status"], "ok"), False).to_numpy(zero_copy_only=False)
+    attempts = pc.fill_null(entry["attempts"], 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    transient = pc.fill_null(pc.equal(entry["kind"], TRANSIENT), False).to_numpy(zero_copy_only=False)
     retry = ~new & ~ok & (bool(retry_errors) | (transient & (attempts < max_attempts)))
     fresh = new | changed | (retry & bool(retry_errors))  # attempts start again
     return new | changed | retry, np.where(fresh, 0, attempts)
