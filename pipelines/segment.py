@@ -35,7 +35,7 @@ from pipelines.segmentation.config import SegmentConfig  # noqa: E402
 # flag -> config field; the defaults and help texts are the config's own.
 FLAGS = ("model", "input", "output", "fusion", "max_pixels", "batch_size", "num_model_actors",
          "cpus_per_model_actor", "crf_workers", "crf_backend", "device", "since", "tracking_uri", "experiment",
-         "max_attempts", "crash_limit", "lease_ttl_s", "lease_wait_s")
+         "max_attempts", "crash_limit", "lease_ttl_s", "lease_wait_s", "redo")
 EXIT_BUSY = 3  # another run holds the output's lease: nothing was done
 
 

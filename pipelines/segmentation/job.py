@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from deeplab_core.constants import CRFParams
 from pipelines import tracking
@@ -34,7 +36,7 @@ from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.common.errors import InputError
 from pipelines.data.errors import ErrorRecord
 from pipelines.data.storage import absolute_uri, check_access, get_fs, join_uri, redact_urls
-from pipelines.segmentation import crf_settings, ledger, lease
+from pipelines.segmentation import crf_settings, ledger, lease, provenance
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     ERRORS_DIR,
@@ -240,12 +242,25 @@ class Todo:
     error: ErrorRecord | None = None  # known before any worker sees it (an unusable id)
 
 
-def select_work(cfg: SegmentConfig, listing: InputListing, settled: pa.Table) -> list[Todo]:
-    """The listed inputs this run processes (ledger.select); the rest count as skipped."""
+def select_work(cfg: SegmentConfig, listing: InputListing, settled: pa.Table,
+                made: provenance.MadeBy | None = None) -> list[Todo]:
+    """The listed inputs this run processes (ledger.select, then the redo rule of provenance.py
+    against `made`, with its one line); the rest count as skipped."""
     pairs = [(item, None) for item in listing.items] + list(zip(listing.rejected, listing.errors))
-    work, attempts = ledger.select(ledger.listed_table([item for item, _ in pairs]), settled,
-                                   max_attempts=cfg.max_attempts, reprocess_changed=cfg.reprocess_changed,
-                                   retry_errors=cfg.retry_errors)
+    listed = ledger.listed_table([item for item, _ in pairs])
+    work, attempts = ledger.select(listed, settled, max_attempts=cfg.max_attempts,
+                                   reprocess_changed=cfg.reprocess_changed, retry_errors=cfg.retry_errors)
+    if cfg.redo == provenance.REDO_ALL:
+        work, attempts = np.ones(len(pairs), bool), np.zeros(len(pairs), np.int64)
+    elif made is not None:
+        other = provenance.made_differently(listed, settled, made)
+        if other.any():
+            first = pairs[int(np.flatnonzero(other)[0])][0]
+            example = next(r for r in settled.filter(pc.and_(pc.equal(settled["id"], first.id),
+                                                             pc.equal(settled["uri"], first.uri))).to_pylist())
+            print(provenance.redo_line(int(other.sum()), example, made, cfg.redo), flush=True)
+            if cfg.redo == provenance.REDO_CHANGED:
+                work = work | other
     return [Todo(item, int(attempts[i]), error) for i, (item, error) in enumerate(pairs) if work[i]]
 
 
@@ -258,16 +273,19 @@ class Recording:
     """The driver's side of the stream: each finished input's results row and ledger entry."""
 
     def __init__(self, cfg: SegmentConfig, run_id: str, model_uri: str, write: WriteSpec, held: lease.Lease,
-                 todo: Sequence[Todo]) -> None:
+                 todo: Sequence[Todo], made: provenance.MadeBy | None = None) -> None:
         self.cfg, self.run_id, self.model_uri, self.write, self.held = cfg, run_id, model_uri, write, held
+        self.made = made
         self.by_id = {t.item.id: t for t in todo if t.error is None}
         self.recorder = ledger.RunRecorder(cfg.output, run_id, RESULTS_SCHEMA, cfg.storage_options,
                                            flush_s=cfg.checkpoint_every_s)
 
     def entry(self, todo: Todo, status: str, stage: str | None, reason: str | None, when: datetime) -> dict:
-        item = todo.item
+        item, made = todo.item, self.made
         return ledger.ledger_row(item.id, item.uri, item.size, item.etag, item.mtime, status, stage, reason,
-                                 todo.attempts, self.cfg.max_attempts, self.run_id, when)
+                                 todo.attempts, self.cfg.max_attempts, self.run_id, when,
+                                 model=made and made.model, settings=made and made.settings,
+                                 crf_backend=self.write.crf_backend if status == STATUS_OK and self.write.crf else None)
 
     def known_errors(self, todo: Sequence[Todo]) -> None:
         now = datetime.now(timezone.utc)
@@ -309,7 +327,15 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     settled = ledger.read_ledger(cfg.output, options, files)
     since = parse_time(cfg.since) if cfg.since not in (None, "last") else None
     listing = list_inputs(cfg.input, options, since=since, exclude_prefix=cfg.output)
-    todo = select_work(cfg, listing, settled)
+    # The model pinned and its CRF set resolved before selection: the redo rule compares them.
+    model_uri, _, _ = load_checked_model(cfg.model, options, load=False)
+    with _model_errors(cfg.model):  # the version's tuned CRF set is read from the registry
+        crf_params, crf_source = choose_crf_params(cfg, model_uri)
+        made = provenance.MadeBy(
+            provenance.model_identity(model_uri, options),
+            provenance.settings_key(cfg.scales, cfg.flip, cfg.fusion, crf_params if cfg.crf else None, cfg.overlays),
+            None if cfg.crf_backend == "auto" or not cfg.crf else cfg.crf_backend)
+    todo = select_work(cfg, listing, settled, made)
     known_errors = [t for t in todo if t.error is not None]
     work = [t.item for t in todo if t.error is None]
     skipped = listing.read - len(todo)
@@ -322,9 +348,7 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
           + f"; {skipped} already settled, {len(known_errors)} unusable id(s), {len(work)} to segment"
           + (f" ({retried} retried after a transient error)" if retried else ""), flush=True)
 
-    model_uri, model, meta = load_checked_model(cfg.model, options, load=bool(work))
-    with _model_errors(cfg.model):  # the version's tuned CRF set is read from the registry
-        crf_params, crf_source = choose_crf_params(cfg, model_uri)
+    model_uri, model, meta = load_checked_model(model_uri, options, load=bool(work))
     if work and (cfg.crf or cfg.evaluate):
         print(f"[segment] CRF parameters ({crf_source}): {crf_settings.params_json(crf_params)}", flush=True)
     gpu, guard = False, None
@@ -335,7 +359,7 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     write = WriteSpec(cfg.output, run_id, model_uri, cfg.crf, cfg.overlays, cfg.overlay_alpha, options,
                       crf_backend=crf_backend_for(cfg.crf_backend, gpu), crf_source=crf_source,
                       crf_params=crf_settings.params_json(crf_params))
-    recording = Recording(cfg, run_id, model_uri, write, held, todo)
+    recording = Recording(cfg, run_id, model_uri, write, held, todo, made)
     if known_errors:
         recording.known_errors(known_errors)
     if work:

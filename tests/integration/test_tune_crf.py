@@ -20,6 +20,7 @@ from pipelines.data.synthetic import write_synthetic_voc
 from pipelines.segmentation import crf_settings, crf_tuning
 from pipelines.segmentation.crf_tuning import TuneCRFConfig, run_crf_tuning
 from pipelines.segmentation.io import read_results
+from tests.helpers import register_checkpoint, untrained_checkpoint
 
 SPEC = SyntheticSpec(height=64, width=96)
 SCALES = "0.75,1"
@@ -29,28 +30,10 @@ FIELDS = crf_settings.TUNED_FIELDS
 @pytest.fixture
 def registered(tmp_path, sqlite_tracking_uri):
     """(models:/<name>/1, val manifest, tracking URI)."""
-    import mlflow
-    import torch
-
-    from deeplab_core.models import build_model
-    from pipelines.common.checkpoints import save_checkpoint_dir
-
-    torch.manual_seed(0)
-    model = build_model("deeplabv3plus", backbone="mobilenetv2", num_classes=SPEC.num_classes,
-                        width_mult=0.25, output_stride=16)
-    ckpt = save_checkpoint_dir(model, tmp_path / "ckpt", {"note": "untrained"})
+    ckpt = untrained_checkpoint(tmp_path / "ckpt", SPEC.num_classes)
     data = write_synthetic_voc(str(tmp_path / "data"), 0, 6, SPEC, seed=5)
-    name = f"deeplab-{uuid.uuid4().hex[:8]}"
-    client = mlflow.MlflowClient(sqlite_tracking_uri)
-    client.create_registered_model(name)
-    run = client.create_run(client.create_experiment(name))
-    client.log_artifacts(run.info.run_id, str(ckpt), artifact_path="model")
-    client.set_terminated(run.info.run_id)
-    from pipelines.tracking import WEIGHTS_TAG, file_sha256
-
-    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                          tags={WEIGHTS_TAG: file_sha256(ckpt / "model.pt")})
-    return f"models:/{name}/{version.version}", data["val_manifest"], sqlite_tracking_uri
+    model_uri = register_checkpoint(sqlite_tracking_uri, f"deeplab-{uuid.uuid4().hex[:8]}", ckpt)
+    return model_uri, data["val_manifest"], sqlite_tracking_uri
 
 
 def _version_tags(model_uri: str, tracking_uri: str) -> dict[str, str]:
