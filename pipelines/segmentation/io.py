@@ -323,6 +323,9 @@ def list_inputs(
         found = fs.find(root, detail=True)
     except FileNotFoundError:
         found = {}
+    single = found.get(root.rstrip("/"))
+    if single is not None and single.get("type") == "file":  # one image as the input: its folder is the prefix
+        prefix, found = posixpath.dirname(root.rstrip("/")) + "/", {root.rstrip("/"): single}
     plain = is_local(input_uri) and "://" not in str(input_uri)  # uri_for, decided once
     selected = []
     for path, info in sorted(found.items()):

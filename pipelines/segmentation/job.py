@@ -36,7 +36,7 @@ from pipelines.common.ray_session import ensure_ray, use_gpu
 from pipelines.common.errors import InputError
 from pipelines.data.errors import ErrorRecord
 from pipelines.data.storage import absolute_uri, check_access, get_fs, join_uri, redact_urls
-from pipelines.segmentation import crf_settings, ledger, lease, provenance
+from pipelines.segmentation import crf_settings, ledger, lease, provenance, recipe
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     ERRORS_DIR,
@@ -329,7 +329,8 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     listing = list_inputs(cfg.input, options, since=since, exclude_prefix=cfg.output)
     # The model pinned and its CRF set resolved before selection: the redo rule compares them.
     model_uri, _, _ = load_checked_model(cfg.model, options, load=False)
-    with _model_errors(cfg.model):  # the version's tuned CRF set is read from the registry
+    with _model_errors(cfg.model):  # the version's recipe and tuned CRF set are read from the registry
+        cfg = recipe.applied(cfg, model_uri)
         crf_params, crf_source = choose_crf_params(cfg, model_uri)
         made = provenance.MadeBy(
             provenance.model_identity(model_uri, options),
