@@ -318,8 +318,12 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, regis
     from pipelines.common.checkpoints import model_from_checkpoint_file
 
     mlflow.set_tracking_uri(tracking_uri)
+    from pipelines.segmentation.stages import normalisation_of
+
     weights_sha256 = file_sha256(model_file)
-    torch_model = model_from_checkpoint_file(str(model_file))[0] if pytorch_flavor else None
+    model, meta = model_from_checkpoint_file(str(model_file))
+    torch_model = model if pytorch_flavor else None
+    mean, std = normalisation_of(meta, model)
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # The signature is given; an input example would make MLflow load and run the model here.
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
@@ -334,6 +338,11 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, regis
             python_model=str(_REPO_ROOT / "pipelines" / "common" / "pyfunc_model.py"),
             artifacts={"checkpoint": str(model_file)},
             model_config={WEIGHTS_TAG: weights_sha256},  # the pyfunc checks its checkpoint on load
+            # The PyTorch flavour takes normalised input: what to normalise with is in the MLmodel.
+            metadata={"input_mean": list(mean), "input_std": list(std),
+                      "pytorch_input": "float32 N x 3 x H x W RGB, (pixel / 255 - input_mean) / input_std",
+                      "pytorch_output": "float32 N x C x H x W logits",
+                      "num_classes": int(model.config["num_classes"])},
             code_paths=[str(_REPO_ROOT / "deeplab_core"), str(_REPO_ROOT / "pipelines")],
             pip_requirements=["torch", "torchvision", "numpy", "pillow", "opencv-python-headless"],
         )

@@ -17,7 +17,7 @@ from deeplab_core.constants import CRFParams
 from deeplab_core.synthetic import SyntheticSpec
 from pipelines import segment, tracking, tune_crf
 from pipelines.data.synthetic import write_synthetic_voc
-from pipelines.segmentation import crf_settings, crf_tuning
+from pipelines.segmentation import crf_settings, crf_tuning, recipe
 from pipelines.segmentation.crf_tuning import TuneCRFConfig, run_crf_tuning
 from pipelines.segmentation.io import read_results
 from tests.helpers import register_checkpoint, untrained_checkpoint
@@ -87,8 +87,14 @@ def test_grid_search_cli_then_segment_uses_the_tuned_set(ray_cluster, registered
         "grid={bi_w: [6], bi_xy_std: [15], bi_rgb_std: [], pos_w: [], pos_xy_std: []}",
     ])
     assert code == 0
-    tuned = crf_settings.tuned_from_tags(_version_tags(model_uri, tracking_uri))
+    tags = _version_tags(model_uri, tracking_uri)
+    tuned = crf_settings.tuned_from_tags(tags)
     assert tuned is not None and tuned["bi_w"] in (4.0, 6.0) and tuned["bi_xy_std"] in (15.0, 67.0)
+    # The scales the set was tuned with go with it, and are the next run's default.
+    assert (tags["tta.scales"], tags["tta.flip"], tags["tta.source"]) == ("0.75,1.0", "true", "tune_crf")
+    with tracking.tracking_uri_set(tracking_uri):
+        again = recipe.applied(TuneCRFConfig(model=model_uri, manifest=manifest), model_uri)
+    assert (again.scales, again.flip) == ((0.75, 1.0), True)
 
     def segment_run(output: Path, *extra: str) -> tuple[list[dict], dict]:
         assert segment.main(["--model", model_uri, "--input", manifest, "--output", str(output), "--eval",
