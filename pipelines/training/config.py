@@ -123,10 +123,17 @@ class RunSection(Section):
     shared_fs: bool = False
 
 
+TRIAL_MAX_ITERS = 200  # runs shorter than this are trials for tracking.register=auto
+
+
 class TrackingSection(Section):
     tracking_uri: str | None = "sqlite:///mlflow.db"  # None: no MLflow records
     experiment: str = "deeplab"
     registered_model: str | None = "deeplab"
+    # Registering a new version of `registered_model`: always, never, or auto = unless the run is a
+    # trial (optim.max_iters below TRIAL_MAX_ITERS: a quick try must not add versions of the
+    # production model). The model is logged to the run either way.
+    register: Literal["auto", "always", "never"] = "auto"
     # Also log the model as a torch.export program (mlflow.pytorch.load_model); ~10 s per export.
     pytorch_flavor: bool = True
 
