@@ -217,7 +217,7 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping
     backend = plan.crf_backend if plan.run_crf else None
     if not evaluate:
         return tally, None, None, backend
-    evaluation, table = evaluation_table(tally, cfg, tally.scored, crf_params.iterations)
+    evaluation, table = evaluation_table(tally, cfg, tally.scored, crf_params.iterations, meta.get("class_names"))
     return tally, evaluation, table, backend
 
 
@@ -412,7 +412,8 @@ def log_run(cfg: SegmentConfig, report: SegmentReport, crf_params: CRFParams, cr
     texts = {}
     for name, result in (report.evaluation or {}).items():
         key = METRIC_KEYS[name]
-        metrics.update({f"mIoU_{key}": result["mIoU"], f"pixel_acc_{key}": result["pixel_acc"]})
+        metrics.update({f"mIoU_{key}": result["mIoU"], f"pixel_acc_{key}": result["pixel_acc"],
+                        f"mean_acc_{key}": result["mean_acc"]})
     if report.table:
         texts["evaluation.md"] = report.table + "\n"
     return tracking.log_finished_run(cfg.experiment, f"segment-{report.run_id}", params, metrics,
