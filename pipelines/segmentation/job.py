@@ -210,6 +210,9 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, meta: Mapping
     crf = f"CRF {plan.crf_backend}" + (" (in the model actor)" if plan.crf_in_model else "") if plan.run_crf else "no CRF"
     print(f"[segment] model {model_uri} ({plan.num_classes} classes) on {'GPU' if gpu else 'CPU'}; "
           f"scales {format_scales(cfg.scales)}, flip {cfg.flip}, {crf}", flush=True)
+    if guard is not None:  # Ray logs one E-level line about this from C++ (not filterable here)
+        print("[segment] a Ray 'core_worker.cc ... max_restarts > 0' line may follow: expected; model actors "
+              "restart after a crash and reload the model, which this run keeps in the object store", flush=True)
     ds = build_dataset(todo, plan, ray.put(model), batch_size=cfg.batch_size,
                        num_model_actors=cfg.num_model_actors, cpus_per_model_actor=cfg.cpus_per_model_actor,
                        crf_workers=cfg.crf_workers, gpu=gpu, write=write)
@@ -416,5 +419,14 @@ def log_run(cfg: SegmentConfig, report: SegmentReport, crf_params: CRFParams, cr
                         f"mean_acc_{key}": result["mean_acc"]})
     if report.table:
         texts["evaluation.md"] = report.table + "\n"
-    return tracking.log_finished_run(cfg.experiment, f"segment-{report.run_id}", params, metrics,
-                                     texts=texts, dicts={"summary.json": asdict(report)})
+    import mlflow
+
+    # The run spans the job (it is written at the end, started at the job's start), with the
+    # input and the registered version it used linked on its page.
+    run_id = tracking.log_finished_run(cfg.experiment, f"segment-{report.run_id}", params, metrics,
+                                       texts=texts, dicts={"summary.json": asdict(report)},
+                                       started_at=time.time() - report.seconds)
+    tracking.log_dataset_inputs(mlflow.get_tracking_uri(), run_id, {"input": cfg.input})
+    if report.model_uri.startswith("models:/"):
+        tracking.log_model_input(run_id, report.model_uri)
+    return run_id

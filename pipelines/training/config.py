@@ -9,6 +9,7 @@ what they need. Unknown keys are errors (a typo must not silently train the wron
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -124,6 +125,11 @@ class RunSection(Section):
 
 
 TRIAL_MAX_ITERS = 200  # runs shorter than this are trials for tracking.register=auto
+
+
+# `register` (the config key) shadows the `register` classmethod pydantic's BaseModel inherits
+# from ABCMeta; nothing calls it on a config. Pydantic's warning about it would print in every job.
+warnings.filterwarnings("ignore", message='Field name "register" in "TrackingSection" shadows', category=UserWarning)
 
 
 class TrackingSection(Section):

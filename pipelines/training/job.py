@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import math
 import signal
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +183,7 @@ def build_trainer(cfg: TrainConfig, train_manifest: str, val_manifest: str, trac
     }
     storage_path, storage_fs = ray_storage(cfg.run.storage_path, cfg.data.storage_options)
     loop_config = {"train": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
-                   "verbose": verbose, "progress_bar": sys.stderr.isatty()}
+                   "verbose": verbose}
     return TorchTrainer(
         train_loop_per_worker,
         # Ray Train publishes train_loop_config in its run state (dashboard, state API): it shows a

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from deeplab_core.synthetic import SyntheticSpec, render_scene
 from pipelines.data.synthetic import encode_scene
+from pipelines import tracking
 from pipelines.segmentation import ledger
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.job import run_segmentation
@@ -45,8 +46,25 @@ def _made_by(output: str) -> dict[str, str]:
     return {row["id"]: row["model"] for row in ledger.read_ledger(output).to_pylist()}
 
 
+def _promote_logged(tracking_uri: str, name: str, checkpoint: str) -> str:
+    """A version as training registers one (a logged MLflow model), made @champion."""
+    import mlflow
+
+    from pipelines.common.checkpoints import MODEL_FILE
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run_id = client.create_run(client.get_experiment_by_name(name).experiment_id).info.run_id
+    version = tracking.log_checkpoint_model(tracking_uri, run_id, Path(checkpoint) / MODEL_FILE, name, {}, {},
+                                            pytorch_flavor=False)
+    client.set_registered_model_alias(name, "champion", version)
+    return f"models:/{name}/{version}"
+
+
 def test_after_a_promotion_the_scheduled_run_resegments_with_the_new_champion(ray_cluster, tmp_path,
-                                                                               sqlite_tracking_uri):
+                                                                               sqlite_tracking_uri, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)  # sqlite MLflow keeps artifacts under ./mlruns
     name = f"deeplab-{uuid.uuid4().hex[:8]}"
     ckpt = untrained_checkpoint(tmp_path / "ckpt", SPEC.num_classes)
     v1 = register_checkpoint(sqlite_tracking_uri, name, ckpt, alias="champion")
@@ -58,9 +76,20 @@ def test_after_a_promotion_the_scheduled_run_resegments_with_the_new_champion(ra
     settings = {row["settings"] for row in ledger.read_ledger(job["output"]).to_pylist()}
     assert len(settings) == 1 and '"scales": [1.0]' in settings.pop()
 
-    v2 = register_checkpoint(sqlite_tracking_uri, name, ckpt, alias="champion")  # the promotion
+    v2 = _promote_logged(sqlite_tracking_uri, name, ckpt)  # the promotion
     second, printed = _segment(**job)  # the CronJob's command: --redo changed by default
     assert (second.ok, second.skipped) == (3, 0)
+    # Its MLflow run spans the job and links its input and the version it used.
+    client = mlflow.MlflowClient(sqlite_tracking_uri)
+    found = client.search_runs([client.get_experiment_by_name("deeplab-segmentation").experiment_id],
+                               order_by=["attributes.start_time DESC"], max_results=1)[0]
+    run = client.get_run(found.info.run_id)  # search_runs leaves model inputs out
+    assert run.info.end_time - run.info.start_time >= 900 * second.seconds
+    assert [(d.dataset.name, job["input"] in d.dataset.source) for d in run.inputs.dataset_inputs] == [
+        ("input manifest", True)]
+    name2, number = v2.removeprefix("models:/").split("/")
+    assert [m.model_id for m in run.inputs.model_inputs] == [
+        tracking.logged_model_id(client.get_model_version(name2, number))]
     assert f"3 settled input(s) were made differently (model {v1} -> {v2})" in printed
     assert "--redo changed" in printed
     assert _made_by(job["output"]) == {"a": v2, "b": v2, "c": v2}
