@@ -8,6 +8,7 @@ for `--help`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -30,6 +31,7 @@ from pipelines.data.storage import is_local, redact, redact_urls
 MODEL_ARTIFACT = "model"
 # Version tag: sha256 of the version's model.pt, set when it is registered. Every load compares
 # it with the bytes it read, so weights replaced in the artifact store are refused.
+MODEL_FILE = "model.pt"  # a checkpoint folder's weights, also the logged model's artifact
 WEIGHTS_TAG = "weights.sha256"
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 _PARAM_MAX_CHARS = 6000  # MLflow's limit for a param value
@@ -318,8 +320,12 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, regis
     from pipelines.common.checkpoints import model_from_checkpoint_file
 
     mlflow.set_tracking_uri(tracking_uri)
+    from pipelines.segmentation.stages import normalisation_of
+
     weights_sha256 = file_sha256(model_file)
-    torch_model = model_from_checkpoint_file(str(model_file))[0] if pytorch_flavor else None
+    model, meta = model_from_checkpoint_file(str(model_file))
+    torch_model = model if pytorch_flavor else None
+    mean, std = normalisation_of(meta, model)
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # The signature is given; an input example would make MLflow load and run the model here.
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
@@ -334,6 +340,11 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, regis
             python_model=str(_REPO_ROOT / "pipelines" / "common" / "pyfunc_model.py"),
             artifacts={"checkpoint": str(model_file)},
             model_config={WEIGHTS_TAG: weights_sha256},  # the pyfunc checks its checkpoint on load
+            # The PyTorch flavour takes normalised input: what to normalise with is in the MLmodel.
+            metadata={"input_mean": list(mean), "input_std": list(std),
+                      "pytorch_input": "float32 N x 3 x H x W RGB, (pixel / 255 - input_mean) / input_std",
+                      "pytorch_output": "float32 N x C x H x W logits",
+                      "num_classes": int(model.config["num_classes"])},
             code_paths=[str(_REPO_ROOT / "deeplab_core"), str(_REPO_ROOT / "pipelines")],
             pip_requirements=["torch", "torchvision", "numpy", "pillow", "opencv-python-headless"],
         )
@@ -390,8 +401,17 @@ def _register(client, info, name: str, run_id: str, tags: Mapping[str, str]):
         if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
     # Tags at creation: a version never exists without its weights' digest.
-    return client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
-                                       tags=dict(tags))
+    version = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+                                          tags=dict(tags))
+    # The logged model's page lists its versions from this tag (else "Not registered"), as
+    # mlflow.register_model sets it.
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    if info.model_id:
+        existing = json.loads(client.get_logged_model(info.model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+        client.set_logged_model_tags(info.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            [*existing, {"name": version.name, "version": version.version}])})
+    return version
 
 
 @contextmanager
@@ -421,13 +441,16 @@ def resolve_model_uri(uri: str) -> str:
 
 def log_finished_run(experiment: str, run_name: str, params: Mapping[str, Any],
                      metrics: Mapping[str, float], texts: Mapping[str, str] | None = None,
-                     dicts: Mapping[str, Any] | None = None) -> str:
+                     dicts: Mapping[str, Any] | None = None, started_at: float | None = None) -> str:
     """A complete run in `experiment` (current tracking URI): params (redacted), metrics and small
-    text/JSON artifacts. Returns its id."""
+    text/JSON artifacts; `started_at` (epoch seconds) is its start, so it spans the job it
+    records. Returns its id."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    with mlflow.start_run(experiment_id=_experiment_id(client, experiment), run_name=run_name) as run:
+    start_ms = int(started_at * 1000) if started_at is not None else None
+    created = client.create_run(_experiment_id(client, experiment), start_time=start_ms, run_name=run_name)
+    with mlflow.start_run(run_id=created.info.run_id) as run:
         mlflow.log_params(_param_strings(params))
         mlflow.log_metrics(dict(metrics))
         for name, text in (texts or {}).items():
@@ -469,6 +492,26 @@ def _version_of(model_uri: str) -> tuple[str, str]:
     if match is None:
         raise ValueError(f"expected models:/<name>/<version>, got {model_uri!r}")
     return match.group(1), match.group(2)
+
+
+def logged_model_id(version) -> str | None:
+    """The logged model a registered version was made from: its `model_id`, or (stores that do
+    not keep it, e.g. sqlite) the id in its `models:/m-...` source."""
+    source = version.source or ""
+    return version.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
+
+
+def log_model_input(run_id: str, model_uri: str) -> None:
+    """The registered version `models:/name/<version>` a run used, as the run's model input (the
+    run page links the model). Versions registered without a logged model are left out."""
+    import mlflow
+    from mlflow.entities import LoggedModelInput
+
+    name, version = _version_of(model_uri)
+    client = mlflow.MlflowClient()
+    model_id = logged_model_id(client.get_model_version(name, version))
+    if model_id:
+        client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
 
 
 def model_version_tags(model_uri: str) -> dict[str, str]:

@@ -20,9 +20,8 @@ from deeplab_core.constants import IGNORE_INDEX
 from deeplab_core.models import build_model
 from pipelines.common.errors import InputError
 from pipelines.data.storage import get_fs
-from pipelines.tracking import WEIGHTS_TAG, downloaded_model, is_registry_uri, registered_weights_sha256
+from pipelines.tracking import MODEL_FILE, WEIGHTS_TAG, downloaded_model, is_registry_uri, registered_weights_sha256
 
-MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
 
 

@@ -17,6 +17,7 @@ from pipelines.common.errors import EXIT_USAGE, InputError, describe_failure
 from pipelines.data.storage import redact_urls
 
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +52,9 @@ def run_main(prog: str, body: Callable[[], int], debug: bool = False, argv: Sequ
     quiet_mlflow(verbose)
     try:
         return body()
+    except KeyboardInterrupt as stop:  # Ctrl-C: one line (the job's own, if it has one), 128 + SIGINT
+        print(f"{prog}: {stop.args[0] if stop.args else 'stopped (Ctrl-C)'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - the top of the job: report, don't dump
         if debug:
             print(_scrubbed(traceback.format_exc(), secrets), file=sys.stderr, end="")

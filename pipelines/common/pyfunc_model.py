@@ -21,6 +21,10 @@ class DeepLabPyfunc(mlflow.pyfunc.PythonModel):
         expected = (context.model_config or {}).get(WEIGHTS_TAG)
         self.model, self.meta = model_from_checkpoint_file(context.artifacts["checkpoint"], expected_sha256=expected)
         self.model.eval()
+        from pipelines.segmentation.stages import normalisation_of
+
+        # The checkpoint's own, else the model's (converted weights), else ImageNet's: as the batch job.
+        self.normalisation = normalisation_of(self.meta, self.model)
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # noqa: ARG002
         import torch
@@ -31,7 +35,7 @@ class DeepLabPyfunc(mlflow.pyfunc.PythonModel):
         images = np.asarray(model_input["images"] if isinstance(model_input, dict) else model_input)
         if images.ndim == 3:
             images = images[None]
-        batch = torch.stack([normalize(img, self.meta["mean"], self.meta["std"]) for img in images])
+        batch = torch.stack([normalize(img, *self.normalisation) for img in images])
         with torch.inference_mode():
             return self.model(batch).argmax(1).to(torch.uint8).numpy()
 

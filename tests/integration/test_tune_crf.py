@@ -17,9 +17,10 @@ from deeplab_core.constants import CRFParams
 from deeplab_core.synthetic import SyntheticSpec
 from pipelines import segment, tracking, tune_crf
 from pipelines.data.synthetic import write_synthetic_voc
-from pipelines.segmentation import crf_settings, crf_tuning
+from pipelines.segmentation import crf_settings, crf_tuning, recipe
 from pipelines.segmentation.crf_tuning import TuneCRFConfig, run_crf_tuning
 from pipelines.segmentation.io import read_results
+from tests.helpers import register_checkpoint, untrained_checkpoint
 
 SPEC = SyntheticSpec(height=64, width=96)
 SCALES = "0.75,1"
@@ -29,28 +30,10 @@ FIELDS = crf_settings.TUNED_FIELDS
 @pytest.fixture
 def registered(tmp_path, sqlite_tracking_uri):
     """(models:/<name>/1, val manifest, tracking URI)."""
-    import mlflow
-    import torch
-
-    from deeplab_core.models import build_model
-    from pipelines.common.checkpoints import save_checkpoint_dir
-
-    torch.manual_seed(0)
-    model = build_model("deeplabv3plus", backbone="mobilenetv2", num_classes=SPEC.num_classes,
-                        width_mult=0.25, output_stride=16)
-    ckpt = save_checkpoint_dir(model, tmp_path / "ckpt", {"note": "untrained"})
+    ckpt = untrained_checkpoint(tmp_path / "ckpt", SPEC.num_classes)
     data = write_synthetic_voc(str(tmp_path / "data"), 0, 6, SPEC, seed=5)
-    name = f"deeplab-{uuid.uuid4().hex[:8]}"
-    client = mlflow.MlflowClient(sqlite_tracking_uri)
-    client.create_registered_model(name)
-    run = client.create_run(client.create_experiment(name))
-    client.log_artifacts(run.info.run_id, str(ckpt), artifact_path="model")
-    client.set_terminated(run.info.run_id)
-    from pipelines.tracking import WEIGHTS_TAG, file_sha256
-
-    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                          tags={WEIGHTS_TAG: file_sha256(ckpt / "model.pt")})
-    return f"models:/{name}/{version.version}", data["val_manifest"], sqlite_tracking_uri
+    model_uri = register_checkpoint(sqlite_tracking_uri, f"deeplab-{uuid.uuid4().hex[:8]}", ckpt)
+    return model_uri, data["val_manifest"], sqlite_tracking_uri
 
 
 def _version_tags(model_uri: str, tracking_uri: str) -> dict[str, str]:
@@ -104,8 +87,14 @@ def test_grid_search_cli_then_segment_uses_the_tuned_set(ray_cluster, registered
         "grid={bi_w: [6], bi_xy_std: [15], bi_rgb_std: [], pos_w: [], pos_xy_std: []}",
     ])
     assert code == 0
-    tuned = crf_settings.tuned_from_tags(_version_tags(model_uri, tracking_uri))
+    tags = _version_tags(model_uri, tracking_uri)
+    tuned = crf_settings.tuned_from_tags(tags)
     assert tuned is not None and tuned["bi_w"] in (4.0, 6.0) and tuned["bi_xy_std"] in (15.0, 67.0)
+    # The scales the set was tuned with go with it, and are the next run's default.
+    assert (tags["tta.scales"], tags["tta.flip"], tags["tta.source"]) == ("0.75,1.0", "true", "tune_crf")
+    with tracking.tracking_uri_set(tracking_uri):
+        again = recipe.applied(TuneCRFConfig(model=model_uri, manifest=manifest), model_uri)
+    assert (again.scales, again.flip) == ((0.75, 1.0), True)
 
     def segment_run(output: Path, *extra: str) -> tuple[list[dict], dict]:
         assert segment.main(["--model", model_uri, "--input", manifest, "--output", str(output), "--eval",
