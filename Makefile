@@ -52,3 +52,17 @@ wheelhouse:
 .PHONY: gpu-suite
 gpu-suite:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) bench/gpu_suite.py --output docs/benchmarks.md
+
+# Serve a registered model over HTTP: MLflow's scoring server, POST /invocations with
+# {"inputs": <uint8 N x H x W x 3 RGB>} -> {"predictions": <N x H x W class ids>} (the pyfunc:
+# single scale, no CRF). The venv's bin goes first on PATH: `mlflow models serve` starts
+# `uvicorn` by name, and without it on PATH exits 127 ("uvicorn: not found").
+#   make serve MODEL=models:/deeplab@champion TRACKING_URI=sqlite:///$(PWD)/mlflow.db PORT=5001
+MODEL ?= models:/deeplab@champion
+TRACKING_URI ?= sqlite:///$(abspath mlflow.db)
+HOST ?= 127.0.0.1
+PORT ?= 5001
+.PHONY: serve
+serve: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI="$(TRACKING_URI)" \
+		$(abspath $(BIN))/mlflow models serve -m "$(MODEL)" --env-manager local --host $(HOST) --port $(PORT)

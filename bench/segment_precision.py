@@ -33,7 +33,7 @@ from pipelines.tracking import load_model  # noqa: E402
 from pipelines.data.manifest import read_manifest  # noqa: E402
 from pipelines.data.rows import RowDecoder  # noqa: E402
 from pipelines.segmentation.precision import cpu_has_native_bf16  # noqa: E402
-from pipelines.segmentation.stages import normalisation_of, num_classes_of  # noqa: E402
+from pipelines.data.checkpoints import normalisation_of, num_classes_of  # noqa: E402
 
 VARIANTS = {"fp32": (False, False), "fp32 channels_last": (True, False), "bf16 autocast + channels_last": (True, True)}
 

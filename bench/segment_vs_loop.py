@@ -91,7 +91,7 @@ def hand_loop(model_uri: str, input_dir: str, output: str, mode: str, crf_worker
     from deeplab_core.transforms import normalize
     from deeplab_core.tta import predict_probs
     from pipelines.tracking import load_model
-    from pipelines.segmentation.stages import normalisation_of
+    from pipelines.data.checkpoints import normalisation_of
 
     torch.set_num_threads(1)
     model, meta = load_model(str(Path(model_uri).resolve()))

@@ -26,3 +26,27 @@ def untrained_checkpoint(folder, num_classes: int) -> str:
     model = build_model("deeplabv3plus", backbone="mobilenetv2", num_classes=num_classes,
                         width_mult=0.25, output_stride=16)
     return str(save_checkpoint_dir(model, folder, {"note": "untrained"}))
+
+
+def register_checkpoint(tracking_uri: str, name: str, checkpoint_dir, alias: str | None = None) -> str:
+    """The checkpoint directory logged to a fresh run and registered as a new version of `name`
+    (created if needed) with its weights tag, as training registers one; returns
+    `models:/<name>/<version>` (and points `alias` at it)."""
+    from pathlib import Path
+
+    import mlflow
+
+    from pipelines.tracking import WEIGHTS_TAG, file_sha256
+
+    client = mlflow.MlflowClient(tracking_uri)
+    if not client.search_registered_models(filter_string=f"name='{name}'"):
+        client.create_registered_model(name)
+    experiment = client.get_experiment_by_name(name) or client.get_experiment(client.create_experiment(name))
+    run = client.create_run(experiment.experiment_id)
+    client.log_artifacts(run.info.run_id, str(checkpoint_dir), artifact_path="model")
+    client.set_terminated(run.info.run_id)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+                                          tags={WEIGHTS_TAG: file_sha256(Path(checkpoint_dir) / "model.pt")})
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return f"models:/{name}/{version.version}"

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pydantic import BaseModel
 
 from pipelines.common.console import quiet_mlflow
-from pipelines.common.errors import EXIT_FAILED, EXIT_USAGE, InputError, JobExit, describe_failure
+from pipelines.common.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, InputError, JobExit, describe_failure
 from pipelines.common.redaction import redact_urls, url_passwords
 
 
@@ -50,6 +50,9 @@ def run_main(prog: str, body: Callable[[], int], debug: bool = False, argv: Sequ
     quiet_mlflow(verbose)
     try:
         return body()
+    except KeyboardInterrupt as stop:  # Ctrl-C: one line (the job's own, if it has one), 128 + SIGINT
+        print(f"{prog}: {stop.args[0] if stop.args else 'stopped (Ctrl-C)'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - the top of the job: report, don't dump
         if debug:
             print(_scrubbed(traceback.format_exc(), secrets), file=sys.stderr, end="")

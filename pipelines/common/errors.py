@@ -16,6 +16,7 @@ EXIT_USAGE = 2  # unusable input, output, model or arguments (InputError), befor
 EXIT_BUSY = 3  # segment.py: another run holds the output's lease; nothing was done
 EXIT_REJECTED = 3  # promote.py: the champion stays (not an error; cron can tell it apart)
 EXIT_UNRELIABLE = 4  # promote.py: an evaluation with too many failed rows; nothing moved
+EXIT_INTERRUPTED = 130  # Ctrl-C (the shell's code for a command ended by SIGINT)
 FAILURE_ATTR = "deeplab_failure"  # set by remember_failure
 
 

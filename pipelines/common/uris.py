@@ -36,6 +36,7 @@ def absolute_uri(uri: str) -> str:
 # load compares it with the bytes it read, so weights replaced in the artifact store are refused.
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 WEIGHTS_TAG = "weights.sha256"
+MODEL_FILE = "model.pt"  # a checkpoint folder's weights, also the logged model's artifact
 # MLflow where no server is given (embedded defaults: a fresh clone runs with no servers).
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 

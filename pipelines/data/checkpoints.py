@@ -21,10 +21,9 @@ from torch import nn
 from deeplab_core.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from deeplab_core.models import build_model
 from pipelines.common.errors import InputError
-from pipelines.common.uris import WEIGHTS_TAG
+from pipelines.common.uris import MODEL_FILE, WEIGHTS_TAG
 from pipelines.data.storage import get_fs
 
-MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
 
 

@@ -96,6 +96,9 @@ class SegmentConfig(WithTTA):
                                                    "worker lost) before it is recorded as permanent")
     reprocess_changed: bool = Field(True, description="process a settled input again when it is listed with "
                                                       "another size or etag (mtime where there is no etag)")
+    redo: Literal["changed", "all", "none"] = Field(
+        "changed", description="settled inputs made by another model or settings (provenance.py): changed = "
+                               "segment them again (after a promotion too), none = keep them, all = redo every input")
     retry_errors: bool = Field(False, description="retry every recorded error in this run, permanent ones too")
     crash_limit: int = Field(2, ge=1, description="times one input may kill its worker process in a run before "
                                                   "it becomes an error record (stage named)")

@@ -30,7 +30,7 @@ from pipelines.common.errors import InputError
 from pipelines.common.ray_session import ensure_ray
 from pipelines.data.decode import DEFAULT_MAX_PIXELS
 from pipelines.common.uris import absolute_uri
-from pipelines.segmentation import crf_settings
+from pipelines.segmentation import crf_settings, recipe
 from pipelines.segmentation.config import WithTTA
 from pipelines.segmentation.crf_settings import TUNED_FIELDS
 
@@ -223,6 +223,7 @@ def _run(cfg: TuneCRFConfig) -> TuneResult:
     ensure_ray()
     registry = tracking.is_registry_uri(cfg.model)
     model_uri = tracking.resolve_model_uri(cfg.model) if registry else absolute_uri(cfg.model)
+    cfg = recipe.applied(cfg, model_uri)  # scales / flip not given: the version's tta.* tags
     data, num_classes = load_tuning_data(cfg, model_uri)
     print(f"[tune_crf] {model_uri}: probabilities of {len(data)} image(s) computed once "
           f"(scales {','.join(f'{s:g}' for s in cfg.tta.scales)}, flip {cfg.tta.flip}); searching "
@@ -238,8 +239,10 @@ def _run(cfg: TuneCRFConfig) -> TuneResult:
     print(f"[tune_crf] {len(trials)} trials\n\n{table}\n", flush=True)
     tagged = False
     if cfg.tag_version and model_uri.startswith("models:/"):
+        # The set is tuned for these scales' probabilities: they are stored with it (tta.*).
         tracking.set_model_version_tags(
-            model_uri, crf_settings.tags_for(best, cfg.manifest, best_trial.mIoU, default_trials[0].mIoU))
+            model_uri, {**crf_settings.tags_for(best, cfg.manifest, best_trial.mIoU, default_trials[0].mIoU),
+                        **recipe.tags_for(cfg.tta.scales, cfg.tta.flip, "tune_crf")})
         tagged = True
     result = TuneResult(model_uri, best, best_trial.mIoU, default_trials[0].mIoU, no_crf, trials, None,
                         tagged, time.monotonic() - started)
@@ -247,7 +250,7 @@ def _run(cfg: TuneCRFConfig) -> TuneResult:
     result = dataclasses.replace(result, run_id=run_id)
     print(f"[tune_crf] best {crf_settings.params_json(best)}: mIoU {100 * result.best_score:.2f} vs defaults "
           f"{100 * result.default_score:.2f} (no CRF {100 * no_crf:.2f}) on {len(data)} image(s)"
-          + (f"; stored on {model_uri} as tags crf.*" if tagged else "")
+          + (f"; stored on {model_uri} as tags crf.* with its scales as tta.*" if tagged else "")
           + (f"; MLflow run {run_id}" if run_id else ""), flush=True)
     return result
 

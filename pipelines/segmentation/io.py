@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -302,6 +303,9 @@ def list_input_table(
     fs, root = get_fs(input_uri, storage_options)
     prefix = root.rstrip("/") + "/"
     found = _walk_local(root) if is_local(input_uri) else _list_store(fs, root)
+    single = root.rstrip("/")
+    if found.num_rows == 1 and found["path"][0].as_py() == single:  # one image as the input: its folder is the prefix
+        prefix = posixpath.dirname(single) + "/"
     path = found["path"]
     keep = pc.and_(pc.starts_with(path, prefix), pc.match_substring_regex(path, _IMAGE_PATH))
     keep = pc.and_not(keep, pc.match_substring_regex(path, _TEMPORARY_PATH))
@@ -333,6 +337,10 @@ def _walk_local(root: str) -> pa.Table:
     is its own, its size its target's (0 when the target is missing: listed, it fails its read
     as a transient error and is retried)."""
     paths, sizes, mtimes = [], [], []
+    if os.path.isfile(root):  # one image as the input
+        stat = os.stat(root)
+        return pa.table({"path": pa.array([root], pa.string()), "size": pa.array([stat.st_size], pa.int64()),
+                         "etag": pa.nulls(1, pa.string()), "mtime": timestamps_us([stat.st_mtime])})
     stack = [root]
     while stack:
         try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -33,12 +33,12 @@ from deeplab_core.crf import choose_backend
 from pipelines import tracking
 from pipelines.common.cluster_paths import check_shared_paths
 from pipelines.common.ray_session import ensure_ray, use_gpu
-from pipelines.data.errors import ErrorRecord
 from pipelines.common.errors import InputError
+from pipelines.data.errors import ErrorRecord
 from pipelines.common.redaction import redact_urls
 from pipelines.common.uris import absolute_uri, join_uri
 from pipelines.data.storage import check_access, get_fs
-from pipelines.segmentation import crf_settings, ledger, lease, precision, resources
+from pipelines.segmentation import crf_settings, ledger, lease, precision, provenance, recipe, resources
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     ERRORS_DIR,
@@ -90,7 +90,8 @@ def _new_run_id() -> str:
 
 
 def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, model_uri: str, plan: InferencePlan,
-             write: WriteSpec, gpu: bool, on_batch) -> tuple[Tally, dict | None, str | None, str | None]:
+             write: WriteSpec, gpu: bool, on_batch,
+             class_names: Sequence[str] | None = None) -> tuple[Tally, dict | None, str | None, str | None]:
     """Runs the stages over `todo` (each summary batch to `on_batch`): the tally, the evaluation
     (metrics, table) with --eval, and the CRF backend that ran."""
     import ray
@@ -103,6 +104,9 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, model_uri: st
                                      plan.run_crf and not plan.crf_in_model, resources.cluster_nodes())
     if problem:
         raise InputError(problem)
+    if plan.guard is not None:  # Ray logs one E-level line about this from C++ (not filterable here)
+        print("[segment] a Ray 'core_worker.cc ... max_restarts > 0' line may follow: expected; model actors "
+              "restart after a crash and reload the model, which this run keeps in the object store", flush=True)
     ds = build_dataset(todo, plan, ray.put(model), batch_size=cfg.batch_size,
                        num_model_actors=cfg.num_model_actors, cpus_per_model_actor=cfg.cpus_per_model_actor,
                        crf_workers=cfg.crf_workers, gpu=gpu, write=write)
@@ -110,7 +114,7 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, model_uri: st
     backend = plan.crf_backend if plan.run_crf else None
     if not plan.table:
         return tally, None, None, backend
-    evaluation, table = evaluation_table(tally, cfg.tta, tally.scored, plan.crf_params.iterations)
+    evaluation, table = evaluation_table(tally, cfg.tta, tally.scored, plan.crf_params.iterations, class_names)
     return tally, evaluation, table, backend
 
 
@@ -135,11 +139,23 @@ class Todo:
     error: ErrorRecord | None = None  # known before any worker sees it (an unusable id)
 
 
-def select_work(cfg: SegmentConfig, listed: pa.Table, settled: pa.Table) -> list[Todo]:
-    """The listed inputs this run processes (ledger.select, vectorised); only they become
-    InputItems and have their ids checked (checked_items): the rest count as skipped."""
+def select_work(cfg: SegmentConfig, listed: pa.Table, settled: pa.Table,
+                made: provenance.MadeBy | None = None) -> list[Todo]:
+    """The listed inputs this run processes (ledger.select, vectorised, then the redo rule of
+    provenance.py against `made`, with its one line); only they become InputItems and have their
+    ids checked (checked_items): the rest count as skipped."""
     work, attempts = ledger.select(listed, settled, max_attempts=cfg.max_attempts,
                                    reprocess_changed=cfg.reprocess_changed, retry_errors=cfg.retry_errors)
+    if cfg.redo == provenance.REDO_ALL:
+        work, attempts = np.ones(listed.num_rows, bool), np.zeros(listed.num_rows, np.int64)
+    elif made is not None:
+        other = provenance.made_differently(listed, settled, made)
+        if other.any():
+            row = int(np.flatnonzero(other)[0])
+            example = settled.take(ledger.match(listed.slice(row, 1), settled)).to_pylist()[0]
+            print(provenance.redo_line(int(other.sum()), example, made, cfg.redo), flush=True)
+            if cfg.redo == provenance.REDO_CHANGED:
+                work = work | other
     rows = np.flatnonzero(work)
     return [Todo(item, int(attempts[row]), error) for row, (item, error) in zip(rows, checked_items(listed, rows))]
 
@@ -153,16 +169,19 @@ class Recording:
     """The driver's side of the stream: each finished input's results row and ledger entry."""
 
     def __init__(self, cfg: SegmentConfig, run_id: str, model_uri: str, write: WriteSpec, held: lease.Lease,
-                 todo: Sequence[Todo]) -> None:
+                 todo: Sequence[Todo], made: provenance.MadeBy | None = None) -> None:
         self.cfg, self.run_id, self.model_uri, self.write, self.held = cfg, run_id, model_uri, write, held
+        self.made = made
         self.by_id = {t.item.id: t for t in todo if t.error is None}
         self.recorder = ledger.RunRecorder(cfg.output, run_id, RESULTS_SCHEMA, cfg.storage_options,
                                            flush_s=cfg.checkpoint_every_s)
 
     def entry(self, todo: Todo, status: str, stage: str | None, reason: str | None, when: datetime) -> dict:
-        item = todo.item
+        item, made = todo.item, self.made
         return ledger.ledger_row(item.id, item.uri, item.size, item.etag, item.mtime, status, stage, reason,
-                                 todo.attempts, self.cfg.max_attempts, self.run_id, when)
+                                 todo.attempts, self.cfg.max_attempts, self.run_id, when,
+                                 model=made and made.model, settings=made and made.settings,
+                                 crf_backend=self.write.crf_backend if status == STATUS_OK and self.write.crf else None)
 
     def known_errors(self, todo: Sequence[Todo]) -> None:
         now = datetime.now(timezone.utc)
@@ -204,7 +223,23 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     settled = ledger.read_ledger(cfg.output, options, files)
     since = parse_time(cfg.since) if cfg.since not in (None, "last") else None
     listed = list_input_table(cfg.input, options, since=since, exclude_prefix=cfg.output)
-    todo = select_work(cfg, listed, settled)
+    made = None
+    if listed.num_rows:
+        # The model pinned and its CRF set resolved before selection: the redo rule compares them
+        # with what made the settled outputs (a registry read; torch and Ray only for work).
+        model_uri, _, _ = load_checked_model(cfg.model, options, load=False)
+        with model_errors(cfg.model):  # the version's recipe and tuned CRF set are read from the registry
+            cfg = recipe.applied(cfg, model_uri)
+            crf_params, crf_source = crf_settings.for_model(cfg.crf_params, model_uri)
+            made = provenance.MadeBy(
+                provenance.model_identity(model_uri, options),
+                provenance.settings_key(cfg.tta.scales, cfg.tta.flip, cfg.tta.fusion,
+                                        crf_params if cfg.crf else None, cfg.overlays),
+                None if cfg.crf_backend == "auto" or not cfg.crf else cfg.crf_backend)
+    else:  # nothing listed: asks no registry, imports no torch and starts no Ray
+        model_uri = cfg.model
+        crf_params, crf_source = crf_settings.resolve(cfg.crf_params, None)
+    todo = select_work(cfg, listed, settled, made)
     known_errors = [t for t in todo if t.error is not None]
     work = [t.item for t in todo if t.error is None]
     skipped = listed.num_rows - len(todo)
@@ -217,13 +252,9 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
           + f"; {skipped} already settled, {len(known_errors)} unusable id(s), {len(work)} to segment"
           + (f" ({retried} retried after a transient error)" if retried else ""), flush=True)
 
-    if todo:
-        model_uri, model, meta = load_checked_model(cfg.model, options, load=bool(work))
-        with model_errors(cfg.model):  # the version's tuned CRF set is read from the registry
-            crf_params, crf_source = crf_settings.for_model(cfg.crf_params, model_uri)
-    else:  # a tick with nothing to do asks no registry, imports no torch and starts no Ray
-        model_uri, model, meta = cfg.model, None, {}
-        crf_params, crf_source = crf_settings.resolve(cfg.crf_params, None)
+    model, meta = None, {}
+    if work:
+        model_uri, model, meta = load_checked_model(model_uri, options)
     if work and (cfg.crf or cfg.evaluate):
         print(f"[segment] CRF parameters ({crf_source}): {crf_settings.params_json(crf_params)}", flush=True)
     gpu, guard, plan = False, None, None
@@ -243,12 +274,12 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     write = WriteSpec(cfg.output, run_id, model_uri, cfg.crf, cfg.overlays, cfg.overlay_alpha, options,
                       crf_backend=choose_backend(cfg.crf_backend, gpu), crf_source=crf_source,
                       crf_params=crf_settings.params_json(crf_params), guard=guard)
-    recording = Recording(cfg, run_id, model_uri, write, held, todo)
+    recording = Recording(cfg, run_id, model_uri, write, held, todo, made)
     if known_errors:
         recording.known_errors(known_errors)
     if work:
         tally, evaluation, table, crf_backend = _segment(cfg, work, model, model_uri, plan, write, gpu,
-                                                         on_batch=recording)
+                                                         on_batch=recording, class_names=meta.get("class_names"))
     else:
         tally, evaluation, table, crf_backend = Tally(), None, None, None
     held.check()
@@ -296,8 +327,18 @@ def log_run(cfg: SegmentConfig, report: SegmentReport, crf_params: CRFParams, cr
     texts = {}
     for name, result in (report.evaluation or {}).items():
         key = METRIC_KEYS[name]
-        metrics.update({f"mIoU_{key}": result["mIoU"], f"pixel_acc_{key}": result["pixel_acc"]})
+        metrics.update({f"mIoU_{key}": result["mIoU"], f"pixel_acc_{key}": result["pixel_acc"],
+                        f"mean_acc_{key}": result["mean_acc"]})
     if report.table:
         texts["evaluation.md"] = report.table + "\n"
-    return tracking.log_finished_run(cfg.experiment, f"segment-{report.run_id}", params, metrics,
-                                     texts=texts, dicts={"summary.json": asdict(report)})
+    import mlflow
+
+    # The run spans the job (it is written at the end, started at the job's start), with the
+    # input and the registered version it used linked on its page.
+    run_id = tracking.log_finished_run(cfg.experiment, f"segment-{report.run_id}", params, metrics,
+                                       texts=texts, dicts={"summary.json": asdict(report)},
+                                       started_at=time.time() - report.seconds)
+    tracking.log_dataset_inputs(mlflow.get_tracking_uri(), run_id, {"input": cfg.input})
+    if report.model_uri.startswith("models:/"):
+        tracking.log_model_input(run_id, report.model_uri)
+    return run_id

@@ -61,6 +61,10 @@ LEDGER_SCHEMA = pa.schema([
     ("attempts", pa.int32()),  # consecutive transient failures so far
     ("run_id", pa.string()),
     ("settled_at", pa.timestamp("us", tz="UTC")),
+    # What made the entry (provenance.py); null in entries of older versions.
+    ("model", pa.string()),  # models:/name/<version>, runs:/..., or sha256:<weights>
+    ("settings", pa.string()),  # scales, flip, fusion, CRF set, overlays (canonical JSON)
+    ("crf_backend", pa.string()),  # the CRF backend that ran (ok entries with a CRF)
 ])
 
 
@@ -232,7 +236,8 @@ def listed_table(items: Sequence[Any]) -> pa.Table:
 
 def ledger_row(record_id: str, uri: str, size: int | None, etag: str | None, mtime: datetime | None,
                status: str, stage: str | None, reason: str | None, attempts_before: int, max_attempts: int,
-               run_id: str, settled_at: datetime | None = None) -> dict:
+               run_id: str, settled_at: datetime | None = None, model: str | None = None,
+               settings: str | None = None, crf_backend: str | None = None) -> dict:
     """The entry of one outcome; a transient error that used up its attempts becomes permanent."""
     kind, attempts = None, 0
     if status != "ok":
@@ -244,7 +249,8 @@ def ledger_row(record_id: str, uri: str, size: int | None, etag: str | None, mti
                 reason = f"gave up after {attempts} attempts: {reason}"
     return {"id": record_id, "uri": uri, "size": size, "etag": etag, "mtime": mtime, "status": status,
             "stage": stage or None, "reason": reason or None, "kind": kind, "attempts": attempts,
-            "run_id": run_id, "settled_at": settled_at or datetime.now(timezone.utc)}
+            "run_id": run_id, "settled_at": settled_at or datetime.now(timezone.utc),
+            "model": model, "settings": settings, "crf_backend": crf_backend}
 
 
 class RunRecorder:
@@ -302,7 +308,8 @@ def _combined(results: list[dict], ledger: list[dict], results_schema: pa.Schema
 
 
 def _split(table: pa.Table, results_schema: pa.Schema) -> tuple[pa.Table, pa.Table]:
-    ledger = table.select(["ledger_" + n for n in LEDGER_SCHEMA.names]).rename_columns(LEDGER_SCHEMA.names)
+    names = [n for n in LEDGER_SCHEMA.names if "ledger_" + n in table.column_names]  # older parts lack some
+    ledger = conform(table.select(["ledger_" + n for n in names]).rename_columns(names), LEDGER_SCHEMA)
     return conform(table.select([n for n in results_schema.names if n in table.column_names]),
                    results_schema), ledger
 

@@ -133,21 +133,29 @@ def evaluation_rows(tta: TTASettings) -> list[tuple[str, str, bool, bool, str]]:
     ]
 
 
-def evaluation_table(tally: Tally, tta: TTASettings, images: int,
-                     crf_iterations: int) -> tuple[dict[str, dict], str]:
-    """Metrics per variant and the Markdown table (mIoU, pixel accuracy) for --eval."""
+def evaluation_table(tally: Tally, tta: TTASettings, images: int, crf_iterations: int,
+                     class_names: Sequence[str] | None = None) -> tuple[dict[str, dict], str]:
+    """Metrics per variant and the Markdown tables for --eval: mIoU, mAcc (mean class accuracy),
+    aAcc (pixel accuracy) per variant, then the IoU of each class (named from the checkpoint's
+    `class_names`; "-" for a class in neither ground truth nor prediction)."""
     from deeplab_core.metrics import segmentation_metrics
 
     metrics, lines = {}, [
-        "| variant | scales | flip | CRF | mIoU | pixel acc | images |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | scales | flip | CRF | mIoU | mAcc | aAcc | images |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, scales, flip, crf, column in evaluation_rows(tta):
         result = segmentation_metrics(tally.cms[column])
         metrics[name] = result
         crf_text = f"yes ({crf_iterations} it)" if crf else "no"
-        lines.append(f"| {name} | {scales} | {'yes' if flip else 'no'} | {crf_text} | "
-                     f"{100 * result['mIoU']:.2f} | {100 * result['pixel_acc']:.2f} | {images} |")
+        lines.append(f"| {name} | {scales} | {'yes' if flip else 'no'} | {crf_text} | {100 * result['mIoU']:.2f} | "
+                     f"{100 * result['mean_acc']:.2f} | {100 * result['pixel_acc']:.2f} | {images} |")
+    names = list(metrics)
+    lines += ["", "| class | " + " | ".join(f"IoU {n}" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for i in range(len(next(iter(metrics.values()))["per_class_iou"])):
+        label = class_names[i] if class_names and i < len(class_names) else f"class {i}"
+        values = [metrics[n]["per_class_iou"][i] for n in names]
+        lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{100 * v:.2f}" for v in values) + " |")
     return metrics, "\n".join(lines)
 
 

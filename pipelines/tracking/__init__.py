@@ -7,7 +7,7 @@ mlflow (and torch) are imported inside the functions: importing this package sta
 workers and for `--help`.
 """
 
-from pipelines.common.uris import REGISTRY_SCHEMES, WEIGHTS_TAG, is_registry_uri
+from pipelines.common.uris import MODEL_FILE, REGISTRY_SCHEMES, WEIGHTS_TAG, is_registry_uri
 from pipelines.tracking.models import (
     MODEL_ARTIFACT,
     TORCH_EXPORT_DIR,
@@ -18,7 +18,10 @@ from pipelines.tracking.models import (
     registered_version_of_run,
 )
 from pipelines.tracking.registry import (
+    REFERENCE_MANIFEST_TAG,
     downloaded_model,
+    log_model_input,
+    logged_model_id,
     model_version_tags,
     registered_weights_sha256,
     resolve_model_uri,
@@ -37,9 +40,10 @@ from pipelines.tracking.runs import (
 )
 
 __all__ = [
-    "MODEL_ARTIFACT", "REGISTRY_SCHEMES", "TORCH_EXPORT_DIR", "WEIGHTS_TAG", "RunLogger", "check_reachable",
+    "MODEL_ARTIFACT", "MODEL_FILE", "REFERENCE_MANIFEST_TAG", "REGISTRY_SCHEMES", "TORCH_EXPORT_DIR", "WEIGHTS_TAG", "RunLogger", "check_reachable",
     "downloaded_model", "fail_fast_http", "file_sha256", "find_or_create_run", "finish_run", "is_registry_uri",
-    "load_model", "log_checkpoint_model", "log_dataset_inputs", "log_finished_run", "log_tuning_run",
+    "load_model", "log_checkpoint_model", "log_dataset_inputs", "log_finished_run", "log_model_input",
+    "log_tuning_run", "logged_model_id",
     "model_version_tags", "register_imported_model", "registered_version_of_run", "registered_weights_sha256",
     "resolve_model_uri", "set_model_version_tags", "tracking_uri_set",
 ]

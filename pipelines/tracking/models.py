@@ -4,6 +4,7 @@ registering it as a version, and loading a model from any URI (registry or check
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import warnings
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 from pipelines.common.uris import WEIGHTS_TAG, is_registry_uri
 from pipelines.common.console import is_verbose
-from pipelines.tracking.registry import downloaded_model, registered_weights_sha256
+from pipelines.tracking.registry import REFERENCE_MANIFEST_TAG, downloaded_model, registered_weights_sha256
 from pipelines.tracking.runs import _experiment_id, _log_params_and_metrics
 
 MODEL_ARTIFACT = "model"
@@ -129,11 +130,13 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, regis
     import mlflow
     from mlflow.models import Model
 
-    from pipelines.data.checkpoints import model_from_checkpoint_file
+    from pipelines.data.checkpoints import model_from_checkpoint_file, normalisation_of
 
     mlflow.set_tracking_uri(tracking_uri)
     weights_sha256 = file_sha256(model_file)
-    torch_model = model_from_checkpoint_file(str(model_file))[0] if pytorch_flavor else None
+    model, meta = model_from_checkpoint_file(str(model_file))
+    torch_model = model if pytorch_flavor else None
+    mean, std = normalisation_of(meta, model)
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # The signature is given; an input example would make MLflow load and run the model here.
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
@@ -148,6 +151,11 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, model_file: Path, regis
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={"checkpoint": str(model_file)},
             model_config={WEIGHTS_TAG: weights_sha256},  # the pyfunc checks its checkpoint on load
+            # The PyTorch flavour takes normalised input: what to normalise with is in the MLmodel.
+            metadata={"input_mean": list(mean), "input_std": list(std),
+                      "pytorch_input": "float32 N x 3 x H x W RGB, (pixel / 255 - input_mean) / input_std",
+                      "pytorch_output": "float32 N x C x H x W logits",
+                      "num_classes": int(model.config["num_classes"])},
             code_paths=[str(_REPO_ROOT / "deeplab_core"), str(_REPO_ROOT / "pipelines")],
             pip_requirements=["torch", "torchvision", "numpy", "pillow", "opencv-python-headless"],
         )
@@ -176,16 +184,29 @@ def _register(client, info, name: str, run_id: str, tags: Mapping[str, str]):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if is_verbose():
-        return mlflow.register_model(info.model_uri, name, tags=dict(tags))
     try:
-        client.create_registered_model(name)
+        # The first version names the registered model's reference set, which promote.py compares
+        # on unless given --val-manifest; later versions never change it (a candidate must not
+        # choose what it is judged on).
+        reference = {REFERENCE_MANIFEST_TAG: tags[REFERENCE_MANIFEST_TAG]} if tags.get(REFERENCE_MANIFEST_TAG) else {}
+        client.create_registered_model(name, tags=reference)
     except MlflowException as err:
         if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
+    if is_verbose():
+        return mlflow.register_model(info.model_uri, name, tags=dict(tags))
     # Tags at creation: a version never exists without its weights' digest.
-    return client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
-                                       tags=dict(tags))
+    version = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+                                          tags=dict(tags))
+    # The logged model's page lists its versions from this tag (else "Not registered"), as
+    # mlflow.register_model sets it.
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    if info.model_id:
+        existing = json.loads(client.get_logged_model(info.model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+        client.set_logged_model_tags(info.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            [*existing, {"name": version.name, "version": version.version}])})
+    return version
 
 
 # --------------------------------------------------------------------------- imported weights

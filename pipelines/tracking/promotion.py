@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from pipelines.common.redaction import redact_urls
+from pipelines.tracking.registry import REFERENCE_MANIFEST_TAG
 from pipelines.common.errors import EXIT_FAILED, EXIT_UNRELIABLE, EXIT_USAGE, JobExit
 
 if TYPE_CHECKING:  # mlflow is imported lazily: `--help` and usage errors stay fast
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # mlflow is imported lazily: `--help` and usage errors stay f
     from mlflow.entities.model_registry import ModelVersion
 
 TAG_PREFIX = "promotion."  # every tag promotion writes on a version
-MANIFEST_TAG = "val_manifest"
+MANIFEST_TAG = REFERENCE_MANIFEST_TAG  # the registered model's tag set by its first version (models.py)
 LOCK_SUFFIX = ".promotion-lock"
 
 # (model_uri, manifest_uri) -> metrics dict, e.g. {"mIoU": 0.71, ...}

@@ -14,13 +14,15 @@ import numpy as np
 
 class DeepLabPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from pipelines.data.checkpoints import model_from_checkpoint_file
         from pipelines.common.uris import WEIGHTS_TAG
+        from pipelines.data.checkpoints import model_from_checkpoint_file, normalisation_of
 
         # The digest recorded when the model was logged: a replaced model.pt is refused.
         expected = (context.model_config or {}).get(WEIGHTS_TAG)
         self.model, self.meta = model_from_checkpoint_file(context.artifacts["checkpoint"], expected_sha256=expected)
         self.model.eval()
+        # The checkpoint's own, else the model's (converted weights), else ImageNet's: as the batch job.
+        self.normalisation = normalisation_of(self.meta, self.model)
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # noqa: ARG002
         import torch
@@ -31,7 +33,7 @@ class DeepLabPyfunc(mlflow.pyfunc.PythonModel):
         images = np.asarray(model_input["images"] if isinstance(model_input, dict) else model_input)
         if images.ndim == 3:
             images = images[None]
-        batch = torch.stack([normalize(img, self.meta["mean"], self.meta["std"]) for img in images])
+        batch = torch.stack([normalize(img, *self.normalisation) for img in images])
         with torch.inference_mode():
             return self.model(batch).argmax(1).to(torch.uint8).numpy()
 

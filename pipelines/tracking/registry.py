@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pipelines.common.errors import InputError
 from pipelines.common.uris import WEIGHTS_TAG
 
+REFERENCE_MANIFEST_TAG = "val_manifest"  # on a version: what it was measured on; on the model: the reference
+
 def registered_weights_sha256(model_uri: str, client=None) -> str | None:
     """The `weights.sha256` tag of the registered version a `models:/name/<version>` or
     `models:/name@alias` URI names (current tracking URI, or `client`'s); None for other URIs
@@ -60,6 +62,26 @@ def _version_of(model_uri: str) -> tuple[str, str]:
     if match is None:
         raise ValueError(f"expected models:/<name>/<version>, got {model_uri!r}")
     return match.group(1), match.group(2)
+
+
+def logged_model_id(version) -> str | None:
+    """The logged model a registered version was made from: its `model_id`, or (stores that do
+    not keep it, e.g. sqlite) the id in its `models:/m-...` source."""
+    source = version.source or ""
+    return version.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
+
+
+def log_model_input(run_id: str, model_uri: str) -> None:
+    """The registered version `models:/name/<version>` a run used, as the run's model input (the
+    run page links the model). Versions registered without a logged model are left out."""
+    import mlflow
+    from mlflow.entities import LoggedModelInput
+
+    name, version = _version_of(model_uri)
+    client = mlflow.MlflowClient()
+    model_id = logged_model_id(client.get_model_version(name, version))
+    if model_id:
+        client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
 
 
 def model_version_tags(model_uri: str) -> dict[str, str]:

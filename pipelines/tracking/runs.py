@@ -208,13 +208,16 @@ class RunLogger:
 
 def log_finished_run(experiment: str, run_name: str, params: Mapping[str, Any],
                      metrics: Mapping[str, float], texts: Mapping[str, str] | None = None,
-                     dicts: Mapping[str, Any] | None = None) -> str:
+                     dicts: Mapping[str, Any] | None = None, started_at: float | None = None) -> str:
     """A complete run in `experiment` (current tracking URI): params (redacted), metrics and small
-    text/JSON artifacts. Returns its id."""
+    text/JSON artifacts; `started_at` (epoch seconds) is its start, so it spans the job it
+    records. Returns its id."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    with mlflow.start_run(experiment_id=_experiment_id(client, experiment), run_name=run_name) as run:
+    start_ms = int(started_at * 1000) if started_at is not None else None
+    created = client.create_run(_experiment_id(client, experiment), start_time=start_ms, run_name=run_name)
+    with mlflow.start_run(run_id=created.info.run_id) as run:
         mlflow.log_params(_param_strings(params))
         mlflow.log_metrics(dict(metrics))
         for name, text in (texts or {}).items():

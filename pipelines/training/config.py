@@ -9,6 +9,7 @@ what they need. Unknown keys are errors (a typo must not silently train the wron
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -124,10 +125,22 @@ class RunSection(Section):
     shared_fs: bool = False
 
 
+TRIAL_MAX_ITERS = 200  # runs shorter than this are trials for tracking.register=auto
+
+
+# `register` (the config key) shadows the `register` classmethod pydantic's BaseModel inherits
+# from ABCMeta; nothing calls it on a config. Pydantic's warning about it would print in every job.
+warnings.filterwarnings("ignore", message='Field name "register" in "TrackingSection" shadows', category=UserWarning)
+
+
 class TrackingSection(Section):
     tracking_uri: str | None = DEFAULT_TRACKING_URI  # None: no MLflow records
     experiment: str = "deeplab"
     registered_model: str | None = "deeplab"
+    # Registering a new version of `registered_model`: always, never, or auto = unless the run is a
+    # trial (optim.max_iters below TRIAL_MAX_ITERS: a quick try must not add versions of the
+    # production model). The model is logged to the run either way.
+    register: Literal["auto", "always", "never"] = "auto"
     # Also log the model as a torch.export program (mlflow.pytorch.load_model); ~10 s per export.
     pytorch_flavor: bool = True
 

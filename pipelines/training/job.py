@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import sys
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,8 @@ from pipelines.data import streams
 from pipelines.common.redaction import redact
 from pipelines.common.uris import absolute_uri, is_local, join_uri, protocol_of
 from pipelines.data.storage import pyarrow_filesystem, resolve_storage_options
-from pipelines.training.config import TrainConfig
+from pipelines.training.config import TRIAL_MAX_ITERS, TrainConfig
+from pipelines.training.interrupt import TrainingStopped, abort_on_sigint, last_checkpoint_iteration, stopped_line
 from pipelines.training.loop import LOOP_CONFIG_REF, train_loop_per_worker
 from pipelines.training.resume import check_resume
 
@@ -177,7 +178,7 @@ def build_trainer(cfg: TrainConfig, train_manifest: str, val_manifest: str, trac
     }
     storage_path, storage_fs = ray_storage(cfg.run.storage_path, cfg.data.storage_options)
     loop_config = {"train": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "mlflow_run_id": run_id,
-                   "verbose": verbose, "progress_bar": sys.stderr.isatty()}
+                   "verbose": verbose}
     return TorchTrainer(
         train_loop_per_worker,
         # Ray Train publishes train_loop_config in its run state (dashboard, state API): it shows a
@@ -201,9 +202,22 @@ def build_trainer(cfg: TrainConfig, train_manifest: str, val_manifest: str, trac
     )
 
 
+def registered_name(cfg: TrainConfig) -> str | None:
+    """The model to register a version of (tracking.register: always / never / auto = unless a
+    trial run, optim.max_iters < TRIAL_MAX_ITERS), saying so when a trial is not registered."""
+    name, rule = cfg.tracking.registered_model, cfg.tracking.register
+    if name is None or rule == "never":
+        return None
+    if rule == "auto" and cfg.optim.max_iters < TRIAL_MAX_ITERS:
+        print(f"[mlflow] not registered as {name}: a trial run (optim.max_iters={cfg.optim.max_iters} < "
+              f"{TRIAL_MAX_ITERS}; tracking.register=always registers it); the model is logged to the run", flush=True)
+        return None
+    return name
+
+
 def _register(cfg: TrainConfig, run_id: str, tracking_uri: str, checkpoint: ray.train.Checkpoint,
               metrics: dict, val_manifest: str) -> str | None:
-    name = cfg.tracking.registered_model
+    name = registered_name(cfg)
     iteration = str(metrics.get("iteration"))
     if name is not None:
         existing = tracking.registered_version_of_run(tracking_uri, name, run_id, iteration)
@@ -248,10 +262,17 @@ def run_training(cfg: TrainConfig, verbose: bool = False) -> TrainOutcome:
         run_id = start_or_resume_mlflow_run(cfg, tracking_uri, _absolute_storage(cfg.run.storage_path),
                                             {"training": train_manifest, "validation": val_manifest})
     trainer = build_trainer(cfg, train_manifest, val_manifest, tracking_uri, run_id, verbose)
+    abort_on_sigint(trainer)
     try:
         result = trainer.fit()
         if result.error is not None:
             raise result.error
+    except KeyboardInterrupt:  # Ctrl-C: the run was stopped, not failed; a re-run resumes it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if run_id is not None:
+            tracking.finish_run(tracking_uri, run_id, "KILLED")
+        run_dir = join_uri(_absolute_storage(cfg.run.storage_path), cfg.run.name)
+        raise TrainingStopped(stopped_line(last_checkpoint_iteration(run_dir, options))) from None
     except BaseException:
         if run_id is not None:  # never leave the MLflow run RUNNING (or FINISHED) after a failure
             tracking.finish_run(tracking_uri, run_id, "FAILED")

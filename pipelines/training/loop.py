@@ -182,30 +182,6 @@ def _quiet_worker_logs(verbose: bool) -> None:
         logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
-class _ProgressBar:
-    """Rank 0's bar on the driver's terminal: Ray's distributed tqdm sends its state through the
-    worker's forwarded output, and the driver draws it below the forwarded log lines (a plain
-    tqdm's carriage returns would arrive as separate prefixed lines). Off when the driver's
-    stderr is not a terminal; the `[train] it` lines are the record either way."""
-
-    def __init__(self, enabled: bool, start_it: int, max_it: int) -> None:
-        self.bar = None
-        if enabled:
-            from ray.experimental.tqdm_ray import tqdm
-
-            self.bar = tqdm(desc="[train]", total=max_it, unit="it")
-            self.bar.update(start_it)
-
-    def update(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
     try:
         _train(loop_config)
@@ -255,7 +231,6 @@ def _train(loop_config: dict) -> None:
     micro_batch, accum = cfg.per_worker_batch, cfg.optim.grad_accum
     max_it = cfg.optim.max_iters
     it = start_it
-    bar = _ProgressBar(rank == 0 and loop_config.get("progress_bar", False), start_it, max_it)
     t_run = time.perf_counter()
     window = {"loss": 0.0, "steps": 0, "data_s": 0.0, "step_s": 0.0}
     model.train()
@@ -289,9 +264,6 @@ def _train(loop_config: dict) -> None:
             lr = lrs[0]
             scheduler.step()
             it += 1
-            bar.update()
-            if it == max_it:  # done before the last validation and checkpoint, not after them
-                bar.close()
             window["steps"] += 1
             window["step_s"] += time.perf_counter() - t_start
             if it % cfg.run.log_every == 0 or it == max_it:
@@ -315,7 +287,6 @@ def _train(loop_config: dict) -> None:
                 break
             t_data = time.perf_counter()
         if micro_step < accum:  # a whole pass without one optimizer step would repeat forever
-            bar.close()
             raise RuntimeError(f"worker {rank}: a pass over its training shard gave {micro_step} batch(es) of "
                                f"{micro_batch}, fewer than one step ({accum}); the shard is too small")
 

@@ -189,7 +189,7 @@ def test_node_losses_during_training_and_segmentation(cluster, s3_server, s3_opt
     train = Job("train.py", TINY + [
         f"data.root={s3_bucket}/synthetic", f"run.storage_path={storage}", f"run.name={name}",
         f"tracking.tracking_uri={mlflow_server.url}", f"tracking.experiment={model_name}",
-        f"tracking.registered_model={model_name}", "data.synthetic.num_train=24", "data.synthetic.num_val=8",
+        f"tracking.registered_model={model_name}", "tracking.register=always", "data.synthetic.num_train=24", "data.synthetic.num_val=8",
         "optim.max_iters=30", "run.val_every=30", "run.checkpoint_every=10", "run.log_every=1",
         "run.max_failures=3", "scaling.placement_strategy=SPREAD",
     ], cluster, tmp_path)

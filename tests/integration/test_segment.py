@@ -163,10 +163,14 @@ def test_eval_prints_the_table_and_logs_to_mlflow(first_run):
     cfg, report, stdout = first_run
     assert set(report.evaluation) == {"plain", "+ multi-scale + flip", "+ dense CRF"}
     lines = [line for line in stdout.splitlines() if line.startswith("|")]
-    assert lines[0].startswith("| variant | scales | flip | CRF | mIoU")
+    lines, per_class = lines[:5], lines[5:]
+    assert lines[0] == "| variant | scales | flip | CRF | mIoU | mAcc | aAcc | images |"
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["plain", "+ multi-scale + flip", "+ dense CRF"]
     assert "| 0.75,1 | yes | yes (3 it) |" in lines[4]
     assert all(line.rstrip().endswith(f"| {NUM_IMAGES} |") for line in lines[2:])  # corrupt one not scored
+    # Then the IoU of each class, one row per class of the model.
+    assert per_class[0] == "| class | IoU plain | IoU + multi-scale + flip | IoU + dense CRF |"
+    assert len(per_class) == 2 + len(report.evaluation["plain"]["per_class_iou"])
     for row, name in zip(lines[2:], report.evaluation):
         miou = float(row.split("|")[5])
         assert miou == pytest.approx(100 * report.evaluation[name]["mIoU"], abs=0.006)

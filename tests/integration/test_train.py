@@ -85,7 +85,7 @@ def test_training_on_s3_improves_miou_tracks_and_registers(ray_cluster, s3_bucke
     cfg = tiny_config(f"{s3_bucket}/synthetic", f"{s3_bucket}/ray_results", tracking, "tiny-s3", [
         "data.synthetic.num_train=48", "data.synthetic.num_val=16", "optim.max_iters=120",
         "run.val_every=60", "run.checkpoint_every=50", f"data.storage_options={options}",
-        "tracking.pytorch_flavor=true",
+        "tracking.pytorch_flavor=true", "tracking.register=always",  # 120 iterations: a trial for auto
     ])
     outcome = run_training(cfg)
 

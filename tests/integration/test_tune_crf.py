@@ -17,9 +17,10 @@ from deeplab_core.constants import CRFParams
 from deeplab_core.synthetic import SyntheticSpec
 from pipelines import segment, tracking, tune_crf
 from pipelines.data.synthetic import write_synthetic_voc
-from pipelines.segmentation import crf_settings, crf_tuning
+from pipelines.segmentation import crf_settings, crf_tuning, recipe
 from pipelines.segmentation.crf_tuning import TuneCRFConfig, run_crf_tuning
 from pipelines.segmentation.io import read_results
+from tests.helpers import register_checkpoint, untrained_checkpoint
 
 SPEC = SyntheticSpec(height=64, width=96)
 SCALES = "0.75,1"
@@ -29,36 +30,10 @@ FIELDS = crf_settings.TUNED_FIELDS
 @pytest.fixture
 def registered(tmp_path, sqlite_tracking_uri):
     """(models:/<name>/1, val manifest, tracking URI)."""
-    import mlflow
-    import torch
-
-    from deeplab_core.models import build_model
-    from pipelines.data.checkpoints import save_checkpoint_dir
-
-    torch.manual_seed(0)
-    model = build_model("deeplabv3plus", backbone="mobilenetv2", num_classes=SPEC.num_classes,
-                        width_mult=0.25, output_stride=16)
-    ckpt = save_checkpoint_dir(model, tmp_path / "ckpt", {"note": "untrained"})
+    ckpt = untrained_checkpoint(tmp_path / "ckpt", SPEC.num_classes)
     data = write_synthetic_voc(str(tmp_path / "data"), 0, 6, SPEC, seed=5)
-    name = f"deeplab-{uuid.uuid4().hex[:8]}"
-    mlflow.MlflowClient(sqlite_tracking_uri).create_registered_model(name)
-    return _register_version(sqlite_tracking_uri, name, ckpt), data["val_manifest"], sqlite_tracking_uri
-
-
-def _register_version(tracking_uri: str, name: str, ckpt: Path) -> str:
-    """A new version of `name` holding the checkpoint directory `ckpt`: its models:/ URI."""
-    import mlflow
-
-    from pipelines.tracking import WEIGHTS_TAG, file_sha256
-
-    client = mlflow.MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    run = client.create_run(experiment.experiment_id if experiment else client.create_experiment(name))
-    client.log_artifacts(run.info.run_id, str(ckpt), artifact_path="model")
-    client.set_terminated(run.info.run_id)
-    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                          tags={WEIGHTS_TAG: file_sha256(ckpt / "model.pt")})
-    return f"models:/{name}/{version.version}"
+    model_uri = register_checkpoint(sqlite_tracking_uri, f"deeplab-{uuid.uuid4().hex[:8]}", ckpt)
+    return model_uri, data["val_manifest"], sqlite_tracking_uri
 
 
 def _version_tags(model_uri: str, tracking_uri: str) -> dict[str, str]:
@@ -112,8 +87,14 @@ def test_grid_search_cli_then_segment_uses_the_tuned_set(ray_cluster, registered
         "grid={bi_w: [6], bi_xy_std: [15], bi_rgb_std: [], pos_w: [], pos_xy_std: []}",
     ])
     assert code == 0
-    tuned = crf_settings.tuned_from_tags(_version_tags(model_uri, tracking_uri))
+    tags = _version_tags(model_uri, tracking_uri)
+    tuned = crf_settings.tuned_from_tags(tags)
     assert tuned is not None and tuned["bi_w"] in (4.0, 6.0) and tuned["bi_xy_std"] in (15.0, 67.0)
+    # The scales the set was tuned with go with it, and are the next run's default.
+    assert (tags["tta.scales"], tags["tta.flip"], tags["tta.source"]) == ("0.75,1.0", "true", "tune_crf")
+    with tracking.tracking_uri_set(tracking_uri):
+        again = recipe.applied(TuneCRFConfig(model=model_uri, manifest=manifest), model_uri)
+    assert (again.tta.scales, again.tta.flip) == ((0.75, 1.0), True)
 
     def segment_run(output: Path, *extra: str) -> tuple[list[dict], dict]:
         assert segment.main(["--model", model_uri, "--input", manifest, "--output", str(output), "--eval",
@@ -165,7 +146,7 @@ def test_evaluate_model_uses_the_versions_tuned_crf_set(ray_cluster, registered,
     with torch.no_grad():
         last.bias -= model.eval()(batch).mean((0, 2, 3))
     name = first_uri.removeprefix("models:/").split("/")[0]
-    model_uri = _register_version(tracking_uri, name, save_checkpoint_dir(model, tmp_path / "balanced", meta))
+    model_uri = register_checkpoint(tracking_uri, name, save_checkpoint_dir(model, tmp_path / "balanced", meta))
     tuned = CRFParams(bi_w=10.0, bi_xy_std=5.0, bi_rgb_std=40.0, pos_w=6.0, pos_xy_std=3.0)
     options = dict(scales=(1.0,), crf=True, crf_backend="pydensecrf", batch_size=6)
     with tracking.tracking_uri_set(tracking_uri):

@@ -33,3 +33,21 @@ def test_a_size_specialised_export_is_left_out_with_a_warning(sqlite_tracking_ur
     assert labels.shape == (1, 40, 52)
     assert any("without its PyTorch flavour" in r.getMessage() and "deeplabv2/resnet18" in r.getMessage()
                for r in caplog.records)
+
+
+def test_the_pytorch_flavour_says_how_to_normalise(sqlite_tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = build_model("deeplabv3plus", backbone="mobilenetv2", num_classes=3, width_mult=0.25,
+                        output_stride=16).eval()
+    version = _register(model, tmp_path, sqlite_tracking_uri)
+    with tracking.tracking_uri_set(sqlite_tracking_uri):
+        info = mlflow.models.get_model_info(f"models:/m/{version}")
+        module = mlflow.pytorch.load_model(f"models:/m/{version}")
+    assert "pytorch" in info.flavors
+    assert (info.metadata["input_mean"], info.metadata["input_std"], info.metadata["num_classes"]) == (
+        [0.5] * 3, [0.25] * 3, 3)
+    image = torch.randint(0, 256, (1, 3, 40, 48)).float() / 255
+    normalised = (image - torch.tensor(info.metadata["input_mean"])[:, None, None]) / torch.tensor(
+        info.metadata["input_std"])[:, None, None]
+    with torch.no_grad():
+        assert torch.allclose(module(normalised), model(normalised), atol=1e-4)

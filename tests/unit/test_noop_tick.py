@@ -123,14 +123,18 @@ def test_a_tick_with_nothing_to_do_imports_neither_torch_nor_ray(tmp_path):
     ledger.write_entries(str(output), "c-before", [
         ledger.ledger_row(i, u, s, None, m, "ok", None, None, 0, 3, "before")
         for i, u, s, m in zip(*(listed[c].to_pylist() for c in ("id", "uri", "size", "mtime")))])
+    # A checkpoint (its weights are hashed for the redo rule, never loaded on a no-op tick).
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "model.pt").write_bytes(b"weights: hashed, not loaded")
     script = (
         "import json, sys\n"
         "from pipelines.segmentation.config import SegmentConfig\n"
         "from pipelines.segmentation.job import run_segmentation\n"
-        f"r = run_segmentation(SegmentConfig(model='models:/absent@champion', input={str(incoming)!r}, "
+        f"r = run_segmentation(SegmentConfig(model={str(checkpoint)!r}, input={str(incoming)!r}, "
         f"output={str(output)!r}, since='last'))\n"
         "print(json.dumps({'skipped': r.skipped, 'read': r.read, "
-        "'loaded': [m for m in ('torch', 'ray', 'mlflow') if m in sys.modules]}))\n")
+        "'loaded': [m for m in ('torch', 'ray') if m in sys.modules]}))\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,

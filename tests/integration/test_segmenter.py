@@ -1,0 +1,110 @@
+"""The Segmenter (pipelines/segmentation/segmenter.py) gives the batch job's masks: a folder and a
+single file, in-process and through `segment.py --local`, against the Ray job on the session
+cluster; and a registered version's recipe (tta.* and crf.* tags) is what it and the job use."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from deeplab_core.synthetic import SyntheticSpec, render_scene
+from pipelines import segment, tracking
+from pipelines.segmentation import crf_settings, recipe
+from pipelines.segmentation.config import SegmentConfig
+from pipelines.segmentation.job import run_segmentation
+from pipelines.segmentation.segmenter import Segmenter
+from tests.helpers import register_checkpoint, untrained_checkpoint
+
+SIZES = {"a": (64, 96), "b": (64, 96), "c": (48, 80)}  # two sizes: batched and alone
+RECIPE = dict(scales=(0.75, 1.0), flip=True, crf=True)
+
+
+def _inputs(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for name, (h, w) in SIZES.items():
+        image, _ = render_scene(SyntheticSpec(height=h, width=w), seed=sum(map(ord, name)))
+        (folder / f"{name}.png").write_bytes(_png(image))  # lossless: the same pixels everywhere
+    return folder
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _masks(output: Path) -> dict[str, np.ndarray]:
+    return {p.stem: np.array(Image.open(p)) for p in sorted((output / "masks").glob("*.png"))}
+
+
+def _quiet(fn, *args, **kwargs):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = fn(*args, **kwargs)
+    return result, out.getvalue()
+
+
+def test_a_folder_and_a_file_through_the_segmenter_equal_the_ray_jobs_masks(ray_cluster, tmp_path):
+    ckpt = untrained_checkpoint(tmp_path / "ckpt", SyntheticSpec().num_classes)
+    folder = _inputs(tmp_path / "in")
+    report, _ = _quiet(run_segmentation, SegmentConfig(model=ckpt, input=str(folder), output=str(tmp_path / "ray"),
+                                                       crf_backend="pydensecrf", **RECIPE))
+    assert report.ok == 3
+    job = _masks(tmp_path / "ray")
+
+    segmenter = Segmenter.from_uri(ckpt, crf_backend="pydensecrf", **RECIPE)
+    masks = segmenter(sorted(str(p) for p in folder.iterdir()))  # a batch of paths, two sizes
+    assert [m.dtype for m in masks] == [np.uint8] * 3
+    for name, mask in zip(sorted(SIZES), masks):
+        assert mask.shape == SIZES[name]
+        np.testing.assert_array_equal(mask, job[name])
+    image = np.array(Image.open(folder / "c.png").convert("RGB"))
+    np.testing.assert_array_equal(segmenter(image), job["c"])  # an array
+    probs = segmenter.probs(image)
+    assert probs.shape == (SyntheticSpec().num_classes, *SIZES["c"])
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-4)
+
+    # One file as --input: the Ray job segments it (was "0 input(s)"), and so does --local.
+    one, _ = _quiet(run_segmentation, SegmentConfig(model=ckpt, input=str(folder / "a.png"),
+                                                    output=str(tmp_path / "one"), crf_backend="pydensecrf", **RECIPE))
+    assert (one.read, one.ok) == (1, 1)
+    np.testing.assert_array_equal(_masks(tmp_path / "one")["a"], job["a"])
+    flags = ["--model", ckpt, "--scales", "0.75,1", "--crf-backend", "pydensecrf", "--local"]
+    code, printed = _quiet(segment.main, [*flags, "--input", str(folder / "a.png"), "--output", str(tmp_path / "l1")])
+    assert code == 0 and "1 ok, 0 error(s)" in printed
+    code, _ = _quiet(segment.main, [*flags, "--input", str(folder), "--output", str(tmp_path / "l3")])
+    local = _masks(tmp_path / "l3")
+    assert code == 0 and set(local) == set(job)
+    for name in job:
+        np.testing.assert_array_equal(local[name], job[name])
+
+
+def test_the_versions_recipe_is_read_by_default(ray_cluster, tmp_path, sqlite_tracking_uri):
+    ckpt = untrained_checkpoint(tmp_path / "ckpt", SyntheticSpec().num_classes)
+    model_uri = register_checkpoint(sqlite_tracking_uri, f"deeplab-{uuid.uuid4().hex[:8]}", ckpt)
+    tuned = {"bi_w": 5.0, "bi_xy_std": 50.0, "bi_rgb_std": 4.0, "pos_w": 2.0, "pos_xy_std": 1.5}
+    from deeplab_core.constants import CRFParams
+
+    with tracking.tracking_uri_set(sqlite_tracking_uri):
+        tracking.set_model_version_tags(model_uri, {
+            **crf_settings.tags_for(CRFParams(**tuned), "val.parquet", 0.5, 0.4),
+            **recipe.tags_for((1.0, 1.25), False, "test")})
+    segmenter = Segmenter.from_uri(model_uri, tracking_uri=sqlite_tracking_uri)
+    assert (segmenter.scales, segmenter.flip) == ((1.0, 1.25), False)
+    assert {k: getattr(segmenter.crf_params, k) for k in tuned} == tuned
+    mine = Segmenter.from_uri(model_uri, tracking_uri=sqlite_tracking_uri, scales=(1.0,), flip=True)
+    assert (mine.scales, mine.flip) == ((1.0,), True)  # what the caller gives wins
+
+    folder = _inputs(tmp_path / "in")
+    _, printed = _quiet(segment.main, ["--model", model_uri, "--tracking-uri", sqlite_tracking_uri, "--input",
+                                       str(folder), "--output", str(tmp_path / "out"), "--no-crf"])
+    assert "scales 1,1.25, flip False" in printed
+    local = Segmenter.from_uri(model_uri, tracking_uri=sqlite_tracking_uri, crf=False)
+    job = _masks(tmp_path / "out")
+    for name in SIZES:
+        np.testing.assert_array_equal(local(str(folder / f"{name}.png")), job[name])
