@@ -32,6 +32,7 @@ MODEL_ARTIFACT = "model"
 # Version tag: sha256 of the version's model.pt, set when it is registered. Every load compares
 # it with the bytes it read, so weights replaced in the artifact store are refused.
 MODEL_FILE = "model.pt"  # a checkpoint folder's weights, also the logged model's artifact
+REFERENCE_MANIFEST_TAG = "val_manifest"  # on a version: what it was measured on; on the model: the reference
 WEIGHTS_TAG = "weights.sha256"
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 _PARAM_MAX_CHARS = 6000  # MLflow's limit for a param value
@@ -393,13 +394,17 @@ def _register(client, info, name: str, run_id: str, tags: Mapping[str, str]):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if is_verbose():
-        return mlflow.register_model(info.model_uri, name, tags=dict(tags))
     try:
-        client.create_registered_model(name)
+        # The first version names the registered model's reference set, which promote.py compares
+        # on unless given --val-manifest; later versions never change it (a candidate must not
+        # choose what it is judged on).
+        reference = {REFERENCE_MANIFEST_TAG: tags[REFERENCE_MANIFEST_TAG]} if tags.get(REFERENCE_MANIFEST_TAG) else {}
+        client.create_registered_model(name, tags=reference)
     except MlflowException as err:
         if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
+    if is_verbose():
+        return mlflow.register_model(info.model_uri, name, tags=dict(tags))
     # Tags at creation: a version never exists without its weights' digest.
     version = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
                                           tags=dict(tags))

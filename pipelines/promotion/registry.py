@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING
 
 from pipelines.data.storage import redact_urls
 from pipelines.promotion.policy import EXIT_ERROR, EXIT_UNRELIABLE, EXIT_USAGE, TAG_PREFIX
+from pipelines.tracking import REFERENCE_MANIFEST_TAG
 
 if TYPE_CHECKING:  # mlflow is imported lazily: `--help` and usage errors stay fast
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-MANIFEST_TAG = "val_manifest"
+MANIFEST_TAG = REFERENCE_MANIFEST_TAG  # the registered model's tag set by its first version (tracking.py)
 LOCK_SUFFIX = ".promotion-lock"
 
 # (model_uri, manifest_uri) -> metrics dict, e.g. {"mIoU": 0.71, ...}
