@@ -5,9 +5,11 @@ Three CRF tasks (pydensecrf, 1 CPU each) and the model actor (1 CPU) hold all fo
 way one actor and one CRF task hold a 2-CPU machine: a write step that needs a CPU of its own
 waits until the end of the run. One run goes to its end: its first mask comes long before the
 end (file times). A second run on the same inputs is killed
-(SIGKILL, process group) half way through the first run's span of mask writes, counted from its
-own first mask (the model actor's start, torch import included, varies with the machine's
-load): at least 40 % of its masks are already on disk.
+(SIGKILL, process group) 60 % of the way through the first run's span of mask writes, counted
+from its own first mask (the model actor's start, torch import included, varies with the
+machine's load): at least 40 % of its masks are already on disk (before: 4 of 32, the writes
+waited for the end). Not half way: under load the second run can be a third slower than the
+first (12 of 32 at half way, load 15), and the test is about masks arriving as they are made.
 """
 
 from __future__ import annotations
@@ -80,13 +82,13 @@ def test_masks_are_written_as_they_are_made_and_a_kill_half_way_keeps_them(setup
         deadline = time.time() + 300
         while not _mask_times(root / "killed") and killed.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        time.sleep(span / 2)
+        time.sleep(0.6 * span)
     finally:
         os.killpg(killed.pid, signal.SIGKILL)  # the driver dies without any clean-up
         killed.communicate(timeout=60)
     assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     on_disk = len(_mask_times(root / "killed"))
-    assert 0.4 * COUNT <= on_disk < COUNT, f"{on_disk}/{COUNT} masks on disk {span / 2:.1f} s after the first"
+    assert 0.4 * COUNT <= on_disk < COUNT, f"{on_disk}/{COUNT} masks on disk {0.6 * span:.1f} s after the first"
 
 
 def test_a_plan_the_cluster_cannot_schedule_is_refused_before_ray_data_starts(setup, ray_cluster):

@@ -134,6 +134,8 @@ def test_training_on_s3_improves_miou_tracks_and_registers(ray_cluster, s3_bucke
     version = client.get_model_version("deeplab", outcome.model_version)
     assert float(version.tags["val_mIoU"]) == pytest.approx(best.value, abs=1e-5)
     assert version.tags["val_manifest"] == outcome.val_manifest
+    # The first version named the registered model's reference set: promote.py needs no flag.
+    assert client.get_registered_model("deeplab").tags["val_manifest"] == outcome.val_manifest
 
     # The registered model loads back (weights_only) and predicts the right shape.
     from pipelines.tracking import load_model
