@@ -27,7 +27,8 @@ class SegmentConfig(Section):
 
     model: str = Field(description="models:/name@alias, models:/name/version, runs:/<id>/model, "
                                    "or a checkpoint dir/URI")
-    input: str = Field(description="URI prefix of images, or a manifest (.parquet/.csv/.jsonl)")
+    input: str = Field(description="URI prefix of images, a manifest (.parquet/.csv/.jsonl), or a glob of "
+                                   "manifests ('s3://b/feed/*.parquet': a feed of new keys, no image listing)")
     output: str = Field(description="output URI prefix (any fsspec URI)")
     scales: tuple[float, ...] = Field(DEFAULT_SCALES, min_length=1, description="test-time scales")
     flip: bool = Field(True, description="horizontal-flip averaging")
