@@ -7,6 +7,18 @@ process builds the state N earlier runs would have left, then times two ticks:
 - +10: ten new images (a tiny DeepLabv3+ MobileNetV2 x0.25, scale 1, no CRF: the model is not
   what is measured; Ray is started before the tick and not counted).
 
+`--inputs` chooses how the tick learns of its inputs (column "input"):
+
+- listing: `--input <prefix>`, the N images under it, listed every tick;
+- feed: `--input '<feed>/*.parquet'`, every manifest an upstream writer delivered (N/1,000
+  manifests of 1,000 settled keys, plus one of the 10 new keys for +10); the tick lists the feed
+  folder, not the images;
+- manifest: `--input <feed>/new.parquet`, only the latest delivery (empty for the no-op, the 10
+  new keys for +10).
+
+With a feed or a manifest the N settled images are not written (no tick reads or lists them:
+only the ledger's N entries and the feed's manifests exist); the 10 new images are.
+
 Columns: wall seconds; requests (S3: every HTTP request moto's server logged during the tick,
 from the driver and the Ray workers; local: filesystem calls through fsspec in the driver,
 outermost calls only); peak RSS of the driver above its level before the tick (MiB, sampled).
@@ -253,18 +265,30 @@ def child(args: argparse.Namespace) -> None:
         return get_fs(uri, options)[1]
 
     setup = time.monotonic()
-    data = small_jpeg()
-    put_many(fs, {path(join_uri(input_uri, "s", f"{i:07d}.jpg")): data for i in range(args.n)}, local)
-    if has_ledger:
-        settle_ledger(input_uri, output, options)
-    else:
-        settle_per_batch(fs, input_uri, output, options, local)
+    feed = join_uri(root, "feed")
+    if args.input_kind == "listing":
+        data = small_jpeg()
+        put_many(fs, {path(join_uri(input_uri, "s", f"{i:07d}.jpg")): data for i in range(args.n)}, local)
+        if has_ledger:
+            settle_ledger(input_uri, output, options)
+        else:
+            settle_per_batch(fs, input_uri, output, options, local)
+        tick_input = input_uri
+    else:  # the deliveries so far, all settled: one manifest per 1,000 keys
+        for start in range(0, args.n, 1000):
+            deliver(join_uri(feed, f"h-{start // 1000:06d}.parquet"),
+                    [join_uri(input_uri, "s", f"{i:07d}.jpg") for i in range(start, min(start + 1000, args.n))],
+                    options)
+        settle_ledger(join_uri(feed, "h-*.parquet"), output, options)
+        tick_input = join_uri(feed, "*.parquet" if args.input_kind == "feed" else "new.parquet")
+        if args.input_kind == "manifest":  # the no-op tick's delivery: nothing new
+            deliver(join_uri(feed, "new.parquet"), [], options)
     setup = time.monotonic() - setup
 
     torch.manual_seed(0)
     model = build_model("deeplabv3plus", backbone="mobilenetv2", num_classes=6, width_mult=0.25, output_stride=16)
     ckpt = str(save_checkpoint_dir(model, workdir / "ckpt", {"note": "bench"}))
-    cfg = SegmentConfig(model=ckpt, input=input_uri, output=output, scales=(1.0,), flip=False, crf=False,
+    cfg = SegmentConfig(model=ckpt, input=tick_input, output=output, scales=(1.0,), flip=False, crf=False,
                         since="last", batch_size=4, storage_options=options)
     counter = LocalCalls() if local else None
 
@@ -289,13 +313,15 @@ def child(args: argparse.Namespace) -> None:
                 kinds[method] = kinds.get(method, 0) + 1
         fs.invalidate_cache()
         start = time.monotonic()
-        if local:  # the one listing no tick can avoid, alone: names, sizes and times of every file
+        if args.input_kind != "listing":  # a feed's tick lists no image
+            pass
+        elif local:  # the one listing a listing tick cannot avoid, alone: names, sizes and times of every file
             walk_stat(path(input_uri))
         else:
             fs.find(path(input_uri), detail=True)
-        listing = time.monotonic() - start
+        listing = time.monotonic() - start if args.input_kind == "listing" else None
         return {"tick": name, "n": args.n, "storage": args.storage, "code": "ledger" if has_ledger else "watermark",
-                "listing_s": round(listing, 3),
+                "input": args.input_kind, "listing_s": round(listing, 3) if listing is not None else None,
                 "seconds": round(seconds, 3), "cpu_s": round(cpu, 3), "load": round(os.getloadavg()[0], 1),
                 "requests": requests, "listing_requests": pages, "by_method": kinds,
                 "peak_rss_mib": round(rss.peak_mib, 1), "ok": report.ok, "skipped": report.skipped,
@@ -305,10 +331,24 @@ def child(args: argparse.Namespace) -> None:
     spec = SyntheticSpec(height=64, width=96)
     put_many(fs, {path(join_uri(input_uri, "new", f"{i}.jpg")): encode_scene(*render_scene(spec, i), jpeg_quality=85)[0]
                   for i in range(NEW_IMAGES)}, local)
+    if args.input_kind != "listing":  # the delivery that names them
+        deliver(join_uri(feed, "new.parquet"), [join_uri(input_uri, "new", f"{i}.jpg") for i in range(NEW_IMAGES)],
+                options)
     from pipelines.common.ray_session import ensure_ray
 
     ensure_ray()  # started before the tick (not timed); ends with this process however it ends
     print(json.dumps(tick(f"+{NEW_IMAGES}")), flush=True)
+
+
+def deliver(uri: str, image_uris: list[str], options) -> None:
+    """A manifest of ``image_uris`` (ids: the path under the input prefix), as a feed writer would."""
+    import pyarrow as pa
+
+    from pipelines.data.manifest import write_manifest
+
+    ids = [u.split("/incoming/", 1)[1].rsplit(".", 1)[0] for u in image_uris]
+    write_manifest(pa.table({"id": pa.array(ids, pa.string()), "image_uri": pa.array(image_uris, pa.string())}),
+                   uri, options)
 
 
 def walk_stat(root: str) -> int:
@@ -343,21 +383,22 @@ class _stdout:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| code | storage | settled N | tick | seconds | driver CPU s | listing alone s | requests | "
+    lines = ["| code | storage | input | settled N | tick | seconds | driver CPU s | listing alone s | requests | "
              "of which LIST | requests by method | peak RSS MiB | load |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     nan = float("nan")
     for r in rows:
         methods = ", ".join(f"{k} {v}" for k, v in sorted(r["by_method"].items())) or "-"
         pages = f"{r['listing_requests']:,}" if "listing_requests" in r else "-"
-        lines.append(f"| {r['label']} | {r['storage']} | {r['n']:,} | {r['tick']} | {r['seconds']:.2f} | "
-                     f"{r.get('cpu_s', nan):.2f} | {r.get('listing_s', nan):.2f} | "
+        listing = r.get("listing_s")
+        lines.append(f"| {r['label']} | {r['storage']} | {r.get('input', 'listing')} | {r['n']:,} | {r['tick']} | {r['seconds']:.2f} | "
+                     f"{r.get('cpu_s', nan):.2f} | {'-' if listing is None else f'{listing:.2f}'} | "
                      f"{r['requests']:,} | {pages} | {methods} | {r['peak_rss_mib']:.0f} | {r.get('load', nan):.0f} |")
     return "\n".join(lines)
 
 
-def run_child(n: int, storage: str, code: str | None, timeout: float) -> list[dict]:
-    cmd = [sys.executable, __file__, "--child", "--n", str(n), "--storage", storage]
+def run_child(n: int, storage: str, code: str | None, timeout: float, input_kind: str = "listing") -> list[dict]:
+    cmd = [sys.executable, __file__, "--child", "--n", str(n), "--storage", storage, "--input-kind", input_kind]
     if code:
         cmd += ["--code", code]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -365,7 +406,7 @@ def run_child(n: int, storage: str, code: str | None, timeout: float) -> list[di
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=code or REPO)
     except subprocess.TimeoutExpired:
-        return [{"tick": "no-op", "n": n, "storage": storage, "seconds": float("nan"), "requests": 0,
+        return [{"tick": "no-op", "n": n, "storage": storage, "input": input_kind, "seconds": float("nan"), "requests": 0,
                  "by_method": {}, "peak_rss_mib": float("nan"), "timeout": timeout}]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode and len(rows) < 2:
@@ -391,15 +432,16 @@ def section(rows: list[dict], command: str, labels: str) -> str:
         "",
     ]
     for label in sorted({r["label"] for r in rows}):
-        for storage in ("local", "s3"):
-            noop = {r["n"]: r for r in rows if (r["label"], r["storage"], r["tick"]) == (label, storage, "no-op")}
+        for storage, kind in ((s, k) for s in ("local", "s3") for k in ("listing", "feed", "manifest")):
+            noop = {r["n"]: r for r in rows if (r["label"], r["storage"], r.get("input", "listing"), r["tick"])
+                    == (label, storage, kind, "no-op")}
             if len(noop) >= 2 and min(noop) in noop:
                 small, large = noop[min(noop)], noop[max(noop)]
                 cpu = (f", {large['cpu_s'] / max(small['cpu_s'], 1e-9):.1f}x the driver's CPU time"
                        if "cpu_s" in small and "cpu_s" in large else "")
                 listing = (f"; the tick takes {large['seconds'] / large['listing_s']:.1f}x the listing alone"
                            if large.get("listing_s") else "")
-                lines.append(f"- {label}, {storage}: the no-op tick at {large['n']:,} settled inputs takes "
+                lines.append(f"- {label}, {storage}, {kind}: the no-op tick at {large['n']:,} settled inputs takes "
                              f"{large['seconds'] / max(small['seconds'], 1e-9):.1f}x the time at {small['n']:,}{cpu}, "
                              f"and {large['requests']:,} requests ({small['requests']:,} at {small['n']:,}){listing}.")
     return "\n".join(lines)
@@ -416,6 +458,10 @@ def main() -> None:
     p.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
     p.add_argument("--output", default=None, help="Markdown file to write the section to (from --json rows)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child")
+    p.add_argument("--inputs", default="listing,feed,manifest",
+                   help="how ticks learn of their inputs: listing (the prefix), feed (a glob of every "
+                        "manifest delivered), manifest (the latest delivery only); other checkouts: listing only")
+    p.add_argument("--input-kind", default="listing", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -425,8 +471,9 @@ def main() -> None:
     codes = [(args.label, None)] + [tuple(c.split("=", 1)) for c in args.code]
     for storage in args.storage.split(","):
         for n in (int(s) for s in args.sizes.split(",")):
-            for label, code in codes:
-                for row in run_child(n, storage, code, args.timeout):
+            for label, code, kind in [(label, code, kind) for label, code in codes
+                                      for kind in (args.inputs.split(",") if code is None else ["listing"])]:
+                for row in run_child(n, storage, code, args.timeout, kind):
                     row["label"] = label
                     print(json.dumps(row), flush=True)
                     rows.append(row)

@@ -35,10 +35,22 @@ def ensure_ray(reserved_cpus: int = 0, verbose: bool = False) -> None:
     # "actor constructor failed" line there.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     quiet_local_ray_start()
-    env_vars = local_cluster_env()
+    # Ray's internals that ask the state API from inside the cluster (Ray Train's placement-group
+    # cleaner) look for "the" local Ray when given no address, and print a 30-line "multiple
+    # active Ray instances" traceback when another Ray runs on this machine: name our dashboard.
+    port = _free_port()
+    env_vars = {**local_cluster_env(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
     ray.init(num_cpus=max(os.cpu_count() or 1, reserved_cpus + 2), logging_level="WARNING",
-             runtime_env={"env_vars": env_vars} if env_vars else None)
+             dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env_vars})
     start_reaper()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def exit_now(code: int) -> NoReturn:

@@ -66,7 +66,8 @@ class SegmentConfig(WithTTA):
 
     model: str = Field(description="models:/name@alias, models:/name/version, runs:/<id>/model, "
                                    "or a checkpoint dir/URI")
-    input: str = Field(description="URI prefix of images, or a manifest (.parquet/.csv/.jsonl)")
+    input: str = Field(description="URI prefix of images, a manifest (.parquet/.csv/.jsonl), or a glob of "
+                                   "manifests ('s3://b/feed/*.parquet': a feed of new keys, no image listing)")
     output: str = Field(description="output URI prefix (any fsspec URI)")
     max_pixels: int | None = Field(DEFAULT_TILE_PIXELS, gt=0, description="memory budget: largest scaled "
                                    "image run whole (pixels); bigger ones are tiled")

@@ -33,15 +33,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.data.errors import ErrorRecord
-from pipelines.data.manifest import IMAGE_EXTENSIONS, read_manifest
 from pipelines.common.uris import is_local, join_uri
-from pipelines.data.storage import check_access, get_fs, table_format, TEMP_PREFIX, uri_for, write_atomically
+from pipelines.data.manifest import IMAGE_EXTENSIONS, MANIFEST_SCHEMA, read_manifest, validate_table
+from pipelines.data.storage import TEMP_PREFIX, check_access, get_fs, table_format, uri_for, write_atomically
 from pipelines.segmentation.ledger import (  # the layout's directory names live with the ledger
     ERRORS_DIR,  # noqa: F401 - part of this module's layout too
     RESULTS_DIR,
     conform,
     latest,
     list_files,
+    parquet_table,
     read_parquet,
 )
 
@@ -260,6 +261,37 @@ def is_manifest(uri: str) -> bool:
     return True
 
 
+def is_feed(uri: str) -> bool:
+    """A glob of manifests (``s3://b/feed/*.parquet``): the inputs are every row of every match."""
+    return is_manifest(uri) and re.search(r"[*?\[]", uri) is not None
+
+
+def read_feed(pattern: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+    """The rows of every manifest matching ``pattern`` (in name order), a row repeated by a later
+    manifest dropped (event notifications arrive at least once). The feed is what an upstream
+    writer delivers (one manifest of new keys per batch): with the ledger skipping settled rows, a
+    tick never lists the images, only the feed folder (one LIST per 1,000 manifests) and one GET
+    per manifest. No match is an empty tick, once the bucket / parent folder is known to exist."""
+    fs, path = get_fs(pattern, storage_options)
+    folder = path[:re.search(r"[*?\[]", path).start()].rsplit("/", 1)[0] or "/"
+    check_access(uri_for(fs, folder, pattern), storage_options, must_exist=is_local(pattern))
+    fs.invalidate_cache()  # s3fs caches listings per process; the feed must be current
+    paths = sorted(p for p in fs.glob(path) if not p.rsplit("/", 1)[-1].startswith(TEMP_PREFIX))
+    if not paths:
+        return MANIFEST_SCHEMA.empty_table()
+    if all(table_format(p) == "parquet" for p in paths):  # concurrent GETs, one per manifest
+        blobs = fs.cat(paths) if len(paths) > 1 else {paths[0]: fs.cat_file(paths[0])}
+        tables = [validate_table(parquet_table(blobs[p]), source=uri_for(fs, p, pattern)) for p in paths]
+    else:
+        tables = [read_manifest(uri_for(fs, p, pattern), storage_options) for p in paths]
+    table = pa.concat_tables(tables)
+    if len(tables) > 1:  # the first row of each (id, image_uri); another uri under a known id stays
+        key = pc.binary_join_element_wise(table["id"], table["image_uri"], "\x00")
+        first = pc.index_in(key, value_set=key)  # index_in finds a value's first row
+        table = table.filter(pc.equal(first, pa.array(np.arange(table.num_rows), pa.int32())))
+    return table
+
+
 # The listed table: what the ledger compares and what becomes InputItems (only for the rows a run
 # processes: at 100k settled inputs a no-op tick builds no per-input Python object).
 LISTED_SCHEMA = pa.schema([
@@ -291,7 +323,7 @@ def list_input_table(
     if is_manifest(input_uri):
         if since is not None:
             raise ValueError("--since needs a prefix input (manifest rows carry no modification time)")
-        table = read_manifest(input_uri, storage_options)
+        table = read_feed(input_uri, storage_options) if is_feed(input_uri) else read_manifest(input_uri, storage_options)
         n = table.num_rows
         return pa.table([table["id"], table["image_uri"], pc.fill_null(table["mask_uri"], ""),
                          pa.nulls(n, pa.int64()), pa.nulls(n, pa.string()),

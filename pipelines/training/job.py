@@ -58,8 +58,9 @@ class TrainOutcome:
 
     def summary_line(self) -> str:
         scored = self.checkpoint_metrics or self.metrics
+        registered = f"model version {self.model_version}" if self.model_version else "not registered"
         return (f"[train] val mIoU {scored.get('val_mIoU', float('nan')):.4f} at iteration "
-                f"{scored.get('iteration')}; checkpoint {self.checkpoint_path}; model version {self.model_version}")
+                f"{scored.get('iteration')}; checkpoint {self.checkpoint_path}; {registered}")
 
 
 def print_config(cfg: TrainConfig) -> None:

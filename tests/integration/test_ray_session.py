@@ -1,4 +1,7 @@
-"""A local Ray started by `ensure_ray` ends with its driver, even a SIGKILLed one (issue #13, 8c).
+"""A local Ray started by `ensure_ray` ends with its driver, even a SIGKILLed one (issue #13, 8c),
+and Ray's internals that ask the state API from inside it (Ray Train's placement-group cleaner)
+find it while another Ray runs on the machine (the session's): before, they auto-detected and
+printed a 30-line "multiple active Ray instances" traceback in every training run.
 
 Starts its own local cluster in a driver subprocess (not the session's); only the processes
 descended from that driver are ever inspected or killed.
@@ -27,6 +30,15 @@ from pipelines.common.ray_session import ensure_ray
 ensure_ray()
 import ray
 ray.get(ray.remote(lambda: 1).remote())  # a worker process too
+
+@ray.remote
+def actors_seen_from_inside():  # what Ray Train's PlacementGroupCleaner does: no address given
+    from ray.util.state import list_actors
+    return sorted(a.name for a in list_actors() if a.name)
+
+marker = ray.remote(type("Marker", (), {"ping": lambda self: 1})).options(name="ours-marker").remote()
+ray.get(marker.ping.remote())
+print("state api:", ray.get(actors_seen_from_inside.remote()), flush=True)
 print("ready", flush=True)
 time.sleep(600)
 """
@@ -67,12 +79,13 @@ def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[psutil
     return alive
 
 
-def test_sigkilled_driver_leaves_no_ray_process(tmp_path):
-    driver = _start_driver(tmp_path)
+def test_sigkilled_driver_leaves_no_ray_process(tmp_path, ray_cluster):
+    driver = _start_driver(tmp_path)  # ray_cluster: another Ray on this machine
     descendants: list[psutil.Process] = []
     try:
         lines = _wait_ready(driver, timeout_s=180)
         assert lines and lines[-1].startswith("ready"), "".join(lines)[-3000:]
+        assert "state api: ['ours-marker']\n" in lines, "".join(lines)[-3000:]
         time.sleep(3)  # the reaper's first look at the tree (it polls every 2 s)
         descendants = psutil.Process(driver.pid).children(recursive=True)
         names = {p.name() for p in descendants}

@@ -274,3 +274,80 @@ def test_results_of_older_versions_are_read_and_migrated(ray_cluster, checkpoint
     assert ledger_view(place)["b"]["run_id"] == report.run_id
     assert sorted(read_results(place.output, place.options).column("id").to_pylist()) == ["a", "b"]
     assert_all_settled(place)
+
+
+class Listings:
+    """Every listing of ``place`` while recording: directories os.scandir opens (local), or
+    (bucket, prefix) of the ListObjects calls moto's backend serves (S3, any client: driver and
+    Ray workers). A spy on the real server and filesystem: the calls still happen."""
+
+    def __init__(self, place: Place, monkeypatch) -> None:
+        self.place, self.seen = place, []
+        if place.kind == "local":
+            scandir = os.scandir
+
+            def spy(path=".", *args):
+                self.seen.append(os.path.abspath(os.fspath(path)).rstrip("/") + "/")
+                return scandir(path, *args)
+
+            monkeypatch.setattr(os, "scandir", spy)
+            return
+        from moto.s3.models import S3Backend
+
+        for name in ("list_objects", "list_objects_v2"):
+            original = getattr(S3Backend, name)
+
+            def spy(backend, bucket, prefix, *args, _original=original, **kwargs):
+                self.seen.append(f"{bucket.name}/{prefix or ''}")
+                return _original(backend, bucket, prefix, *args, **kwargs)
+
+            monkeypatch.setattr(S3Backend, name, spy)
+
+    def of_images(self) -> list[str]:
+        """The listings that would see an image: of the input prefix or anything above it."""
+        images = self.place.path("x").rsplit("/", 1)[0].rstrip("/") + "/"
+        if self.place.kind == "local":
+            images = os.path.abspath(images).rstrip("/") + "/"
+        return [p for p in self.seen if images.startswith(p) or p.startswith(images)]
+
+
+def test_a_feed_of_manifests_settles_new_keys_once_without_listing_the_images(
+        ray_cluster, checkpoint, place, monkeypatch):
+    """`--input '<feed>/*.parquet'`: each manifest names new keys (what an event-notification
+    writer or S3 Inventory delivers); a tick reads the feed and the ledger, lists no image."""
+    from pipelines.data.manifest import write_manifest
+    from pipelines.segmentation.io import read_results
+
+    names = [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(3)]
+    for name in names:
+        place.put(f"{name}.jpg")
+    feed = join_uri(place.root, "feed")
+
+    def deliver(number: int, ids: list[str]) -> None:
+        rows = [{"id": i, "image_uri": join_uri(place.input, f"{i}.jpg")} for i in ids]
+        write_manifest(rows, join_uri(feed, f"{number:04d}.parquet"), place.options)
+
+    cfg = place.cfg(checkpoint).model_copy(update={"input": join_uri(feed, "*.parquet")})
+    listings = Listings(place, monkeypatch)
+    deliver(1, ["a0", "a1", "a2"])
+    first = segment(cfg)
+    assert (first.read, first.ok, first.skipped, first.errors) == (3, 3, 0, 0)
+
+    # Two deliveries before the next tick, one repeating a settled key (notifications come at
+    # least once): the new keys of both are processed, the repeat is skipped.
+    deliver(2, ["b0", "a1"])
+    deliver(3, ["b1", "b2"])
+    second = segment(cfg)
+    assert (second.read, second.ok, second.skipped, second.errors) == (6, 3, 3, 0)
+    noop = segment(cfg)  # nothing delivered since
+    assert (noop.read, noop.ok, noop.skipped, noop.errors) == (6, 0, 6, 0)
+
+    assert listings.seen and listings.of_images() == []  # the feed and the output were listed, no image
+    monkeypatch.undo()
+    assert_all_settled(place)
+    assert {i for i, row in ledger_view(place).items() if row["run_id"] == second.run_id} == {"b0", "b1", "b2"}
+    rows = [row["id"] for key in place.listed("results", ".parquet")
+            for row in pq.read_table(place.fs.open(get_fs(join_uri(place.output, "results", key),
+                                                          place.options)[1])).to_pylist()]
+    assert sorted(rows) == sorted(names)  # each image processed exactly once
+    assert sorted(read_results(place.output, place.options).column("id").to_pylist()) == sorted(names)

@@ -155,3 +155,28 @@ def test_links_are_listed_as_fsspec_listed_them(tmp_path):
     got = list(zip(*(table[c].to_pylist() for c in ("id", "uri", "size", "mtime"))))
     assert got == fsspec_listing(root, tmp_path / "none")
     assert [(r[0], r[2]) for r in got] == [("broken", 0), ("good", 6), ("real/t", 6)]
+
+
+def test_a_feed_reads_every_delivered_manifest_once_per_row(tmp_path):
+    """A glob of manifests: rows in name order, a row repeated by a later delivery dropped, an id
+    under another URI kept (it becomes a duplicate-id error), an in-progress (`.tmp-`) file
+    never read; no match is an empty tick, a missing folder an error."""
+    import pytest
+
+    from pipelines.common.errors import InputError
+    from pipelines.data.manifest import write_manifest
+
+    feed = tmp_path / "feed"
+    write_manifest([{"id": "a", "image_uri": "/i/a.jpg"}, {"id": "b", "image_uri": "/i/b.jpg"}],
+                   str(feed / "0001.parquet"))
+    write_manifest([{"id": "b", "image_uri": "/i/b.jpg"}, {"id": "c", "image_uri": "/i/c.jpg"},
+                    {"id": "a", "image_uri": "/j/a.jpg"}], str(feed / "0002.parquet"))
+    (feed / ".tmp-0003.parquet").write_bytes(b"half a parquet file")
+    listed = list_input_table(str(feed / "*.parquet"))
+    assert list(zip(listed["id"].to_pylist(), listed["uri"].to_pylist())) == [
+        ("a", "/i/a.jpg"), ("b", "/i/b.jpg"), ("c", "/i/c.jpg"), ("a", "/j/a.jpg")]
+    errors = [e.reason for _, e in checked_items(listed, np.arange(listed.num_rows)) if e is not None]
+    assert errors == ["duplicate id (also /i/a.jpg)"]
+    assert list_input_table(str(feed / "*.csv")).num_rows == 0
+    with pytest.raises(InputError, match="does not exist"):
+        list_input_table(str(tmp_path / "typo" / "*.parquet"))
