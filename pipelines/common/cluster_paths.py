@@ -15,6 +15,7 @@ are on a filesystem every node mounts at the same place (NFS): `--shared-fs` (tr
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Mapping
 
 from pipelines.common.errors import InputError
@@ -52,10 +53,10 @@ def cluster_nodes() -> tuple[int, bool]:
 def needs_shared_paths() -> tuple[bool, str]:
     """(whether the job's workers may run on another node than the driver, the cluster in words).
     Without RAY_ADDRESS and no Ray connected, the job starts its own one-node Ray: False."""
-    import ray
-
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        return False, "a local Ray"
+    if not os.environ.get("RAY_ADDRESS"):
+        ray = sys.modules.get("ray")  # not imported for this: a no-op tick never loads Ray
+        if ray is None or not ray.is_initialized():
+            return False, "a local Ray"
     from pipelines.common.ray_session import ensure_ray
 
     ensure_ray()

@@ -224,6 +224,13 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     since = parse_time(cfg.since) if cfg.since not in (None, "last") else None
     listed = list_input_table(cfg.input, options, since=since, exclude_prefix=cfg.output)
     made = None
+    paths = {"--input": cfg.input, "--output": cfg.output}
+    if listed.num_rows:
+        # Paths only this node sees (the settings, or a manifest's rows) are refused before
+        # anything else; without RAY_ADDRESS (a local Ray of our own) this returns at once, on a
+        # cluster it connects to count the nodes.
+        check_shared_paths(paths, shared_fs=cfg.shared_fs,
+                           uris=zip((f"input {i}" for i in listed["id"].to_pylist()), listed["uri"].to_pylist()))
     if listed.num_rows:
         # The model pinned and its CRF set resolved before selection: the redo rule compares them
         # with what made the settled outputs (a registry read; torch and Ray only for work).
@@ -244,9 +251,6 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     work = [t.item for t in todo if t.error is None]
     skipped = listed.num_rows - len(todo)
     retried = sum(1 for t in todo if t.attempts)
-    if work:  # The decode and write tasks may run on any node: refuse paths only this node sees.
-        check_shared_paths({"--input": cfg.input, "--output": cfg.output}, shared_fs=cfg.shared_fs,
-                           uris=((f"input {item.id}", item.uri) for item in work))
     print(f"[segment] run {run_id}: {listed.num_rows} input(s) from {redact_urls(cfg.input)}"
           + (f" modified since {since.isoformat()}" if since else "")
           + f"; {skipped} already settled, {len(known_errors)} unusable id(s), {len(work)} to segment"
