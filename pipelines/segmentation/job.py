@@ -144,15 +144,16 @@ def select_work(cfg: SegmentConfig, listed: pa.Table, settled: pa.Table,
     """The listed inputs this run processes (ledger.select, vectorised, then the redo rule of
     provenance.py against `made`, with its one line); only they become InputItems and have their
     ids checked (checked_items): the rest count as skipped."""
-    work, attempts = ledger.select(listed, settled, max_attempts=cfg.max_attempts,
+    index = ledger.match(listed, settled)  # one hash lookup for the selection and the redo rule
+    work, attempts = ledger.select(listed, settled, max_attempts=cfg.max_attempts, index=index,
                                    reprocess_changed=cfg.reprocess_changed, retry_errors=cfg.retry_errors)
     if cfg.redo == provenance.REDO_ALL:
         work, attempts = np.ones(listed.num_rows, bool), np.zeros(listed.num_rows, np.int64)
     elif made is not None:
-        other = provenance.made_differently(listed, settled, made)
+        other = provenance.made_differently(listed, settled, made, index)
         if other.any():
             row = int(np.flatnonzero(other)[0])
-            example = settled.take(ledger.match(listed.slice(row, 1), settled)).to_pylist()[0]
+            example = settled.take(index.slice(row, 1)).to_pylist()[0]
             print(provenance.redo_line(int(other.sum()), example, made, cfg.redo), flush=True)
             if cfg.redo == provenance.REDO_CHANGED:
                 work = work | other

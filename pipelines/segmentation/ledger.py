@@ -194,16 +194,18 @@ def match(listed: pa.Table, settled: pa.Table) -> pa.Array:
 
 
 def select(listed: pa.Table, settled: pa.Table, *, max_attempts: int, reprocess_changed: bool,
-           retry_errors: bool) -> tuple[np.ndarray, np.ndarray]:
+           retry_errors: bool, index: pa.Array | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Which listed inputs a run processes, and their transient attempts so far (two arrays in
     the order of ``listed``: columns ``id, uri, size, etag, mtime``). Vectorised: a tick at 100k
-    settled inputs is one hash lookup, not 100k Python lookups."""
+    settled inputs is one hash lookup, not 100k Python lookups (``index``: :func:`match`'s, if the
+    caller has it already)."""
     import pyarrow.compute as pc
 
     n = listed.num_rows
     if n == 0:
         return np.zeros(0, bool), np.zeros(0, np.int64)
-    entry = settled.select(["size", "etag", "mtime", "status", "kind", "attempts"]).take(match(listed, settled))
+    index = match(listed, settled) if index is None else index
+    entry = settled.select(["size", "etag", "mtime", "status", "kind", "attempts"]).take(index)
 
     def differs(column: str) -> pa.ChunkedArray:  # unknown on either side never counts
         return pc.fill_null(pc.not_equal(listed[column], entry[column]), False)

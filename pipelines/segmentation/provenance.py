@@ -69,9 +69,11 @@ def settings_key(scales: tuple[float, ...], flip: bool, fusion: str, crf: CRFPar
                       sort_keys=True)
 
 
-def made_differently(listed: pa.Table, settled: pa.Table, made: MadeBy) -> np.ndarray:
+def made_differently(listed: pa.Table, settled: pa.Table, made: MadeBy,
+                     index: pa.Array | None = None) -> np.ndarray:
     """Per listed input (order of ``listed``: columns ``id, uri``): settled ``ok`` by another model,
-    other settings, or (when this run names one) another CRF backend. Unknown never counts."""
+    other settings, or (when this run names one) another CRF backend. Unknown never counts.
+    ``index``: ledger.match's, if the caller has it already."""
     import pyarrow.compute as pc
 
     from pipelines.segmentation.ledger import match
@@ -80,7 +82,8 @@ def made_differently(listed: pa.Table, settled: pa.Table, made: MadeBy) -> np.nd
     if n == 0 or settled.num_rows == 0:
         return np.zeros(n, bool)
     # The same hash lookup as ledger.select: no join over the whole ledger on every tick.
-    joined = settled.select(["status", "model", "settings", "crf_backend"]).take(match(listed, settled))
+    index = match(listed, settled) if index is None else index
+    joined = settled.select(["status", "model", "settings", "crf_backend"]).take(index)
 
     def differs(column: str, value: str) -> pa.ChunkedArray:
         return pc.fill_null(pc.not_equal(joined[column], pa.scalar(value)), False)
