@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipelines.common.errors import InputError
 
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -65,12 +67,26 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as err:
-        raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
+        raise ConfigError(f"cannot read config {path}: {err.strerror or err}{_nearby_configs(Path(path))}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
+
+
+def _nearby_configs(path: Path) -> str:
+    """For a preset that is not there (`configs/<name>.yaml`): the presets there are, closest
+    name first (the repository's when that folder is not beside the working directory)."""
+    if path.parent.name != "configs":
+        return ""
+    folder = path.parent if path.parent.is_dir() else _REPO_ROOT / "configs"
+    names = sorted(p.name for p in folder.glob("*.y*ml"))
+    if not names:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.5)
+    hint = f"; did you mean {path.parent / close[0]}?" if close else ""
+    return f"{hint} (presets: {', '.join(names)})"
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

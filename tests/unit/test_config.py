@@ -67,3 +67,15 @@ def test_a_misspelled_key_gets_one_line_with_a_suggestion():
 
 def test_flatten_for_mlflow_params():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
+
+
+def test_a_missing_preset_names_the_presets_there_are(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the repository's presets are listed
+    with pytest.raises(ConfigError) as err:
+        load_train_config("configs/voc_deeplabv3_r50.yaml", [])
+    message = str(err.value)
+    assert "did you mean configs/voc_deeplabv3_r101.yaml?" in message
+    assert "presets: " in message and "demo.yaml" in message
+    with pytest.raises(ConfigError) as err:  # any other missing file: just the error
+        load_train_config(str(tmp_path / "mine.yaml"), [])
+    assert "presets" not in str(err.value)

@@ -51,3 +51,13 @@ def test_the_pytorch_flavour_says_how_to_normalise(sqlite_tracking_uri, tmp_path
         info.metadata["input_std"])[:, None, None]
     with torch.no_grad():
         assert torch.allclose(module(normalised), model(normalised), atol=1e-4)
+    # The flavour is a torch.export program (pickle-free): torch refuses .eval()/.train() on it.
+    # Where a full nn.Module is wanted, the project's loader gives one from the same URI, its
+    # weights checked against the version's digest.
+    with tracking.tracking_uri_set(sqlite_tracking_uri):
+        loaded, meta = tracking.load_model(f"models:/m/{version}")
+    assert isinstance(loaded, torch.nn.Module) and not loaded.training
+    assert loaded.train().training and not loaded.eval().training
+    with torch.no_grad():
+        assert torch.allclose(loaded.to("cpu")(normalised), module(normalised), atol=1e-4)
+    assert (meta["mean"], meta["std"]) == ([0.5] * 3, [0.25] * 3)
