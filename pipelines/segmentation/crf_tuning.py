@@ -33,6 +33,7 @@ from pipelines.common.uris import absolute_uri
 from pipelines.segmentation import crf_settings, recipe
 from pipelines.segmentation.config import WithTTA
 from pipelines.segmentation.crf_settings import TUNED_FIELDS
+from pipelines.segmentation.pipeline import model_errors, resolve_model
 
 DEFAULT_EXPERIMENT = "deeplab-crf-tuning"
 METRIC = "mIoU"
@@ -220,9 +221,9 @@ def run_crf_tuning(cfg: TuneCRFConfig) -> TuneResult:
 def _run(cfg: TuneCRFConfig) -> TuneResult:
     started = time.monotonic()
     cfg = cfg.model_copy(update={"manifest": absolute_uri(cfg.manifest)})
+    with model_errors(cfg.model):  # an unknown name or alias is one line, before Ray starts
+        model_uri = resolve_model(cfg.model)
     ensure_ray()
-    registry = tracking.is_registry_uri(cfg.model)
-    model_uri = tracking.resolve_model_uri(cfg.model) if registry else absolute_uri(cfg.model)
     cfg = recipe.applied(cfg, model_uri)  # scales / flip not given: the version's tta.* tags
     data, num_classes = load_tuning_data(cfg, model_uri)
     print(f"[tune_crf] {model_uri}: probabilities of {len(data)} image(s) computed once "

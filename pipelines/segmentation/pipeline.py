@@ -82,7 +82,17 @@ def model_errors(uri: str) -> Iterator[None]:
         raise
     except Exception as err:  # noqa: BLE001 - missing, truncated, unknown alias, not a checkpoint
         reason = redact_urls(" ".join(str(getattr(err, "message", err)).split()))[:300] or type(err).__name__
-        raise InputError(f"cannot load model {redact_urls(uri)}: {reason}") from None
+        raise InputError(f"cannot load model {redact_urls(uri)}: {reason}{_registry_hint(uri)}") from None
+
+
+def _registry_hint(uri: str) -> str:
+    """What the registry has, for a `models:/` URI that did not load (never a second error)."""
+    from pipelines import tracking
+
+    try:
+        return tracking.registry_hint(uri) if tracking.is_registry_uri(uri) else ""
+    except Exception:  # noqa: BLE001 - the hint is a courtesy; the error above is the message
+        return ""
 
 
 def load_checked_model(uri: str, storage_options: Mapping[str, Any] | None,

@@ -24,6 +24,7 @@ from pipelines.tracking.registry import (
     logged_model_id,
     model_version_tags,
     registered_weights_sha256,
+    registry_hint,
     resolve_model_uri,
     set_model_version_tags,
 )
@@ -45,5 +46,5 @@ __all__ = [
     "load_model", "log_checkpoint_model", "log_dataset_inputs", "log_finished_run", "log_model_input",
     "log_tuning_run", "logged_model_id",
     "model_version_tags", "register_imported_model", "registered_version_of_run", "registered_weights_sha256",
-    "resolve_model_uri", "set_model_version_tags", "tracking_uri_set",
+    "registry_hint", "resolve_model_uri", "set_model_version_tags", "tracking_uri_set",
 ]

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from pipelines.common.redaction import redact_urls
-from pipelines.tracking.registry import REFERENCE_MANIFEST_TAG
+from pipelines.tracking.registry import REFERENCE_MANIFEST_TAG, registry_hint
 from pipelines.common.errors import EXIT_FAILED, EXIT_UNRELIABLE, EXIT_USAGE, JobExit
 
 if TYPE_CHECKING:  # mlflow is imported lazily: `--help` and usage errors stay fast
@@ -109,7 +109,8 @@ def resolve_candidate(client: "MlflowClient", name: str, candidate: str) -> "Mod
         client.get_registered_model(name)
     except MlflowException as exc:
         if _mlflow_error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
-            raise UsageError(f"registered model {name!r} does not exist") from exc
+            raise UsageError(f"registered model {name!r} does not exist"
+                             f"{registry_hint(f'models:/{name}', client)}") from exc
         raise
     if candidate == "latest":
         found = client.search_model_versions(f"name = '{name}'", max_results=1,
@@ -123,7 +124,8 @@ def resolve_candidate(client: "MlflowClient", name: str, candidate: str) -> "Mod
         return client.get_model_version(name, candidate)
     except MlflowException as exc:
         if _mlflow_error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
-            raise UsageError(f"registered model {name!r} has no version {candidate}") from exc
+            raise UsageError(f"registered model {name!r} has no version {candidate}"
+                             f"{registry_hint(f'models:/{name}', client)}") from exc
         raise
 
 

@@ -56,6 +56,45 @@ def resolve_model_uri(uri: str) -> str:
     return f"models:/{match.group(1)}/{version.version}"
 
 
+_MODEL_URI = re.compile(r"models:/([^/@]+)(?:/(\d+)|@([^/]+))?")
+
+
+def registry_hint(uri: str, client=None) -> str:
+    """For a `models:/` URI that did not resolve: what the registry does have, as the end of an
+    error line ("; deeplab has aliases champion (v3) and versions 1-4", "; registered models:
+    deeplab, other; did you mean deeplab?"). Empty when it cannot say (no registry URI, server
+    down, nothing registered)."""
+    import difflib
+
+    match = _MODEL_URI.fullmatch(uri)
+    if match is None:
+        return ""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = client or mlflow.MlflowClient()
+    name = match.group(1)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        try:
+            names = sorted(m.name for m in client.search_registered_models(max_results=50))
+        except MlflowException:
+            return ""
+        if not names:
+            return "; the registry has no registered models yet"
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        return f"; registered models: {', '.join(names)}" + (f"; did you mean {close[0]}?" if close else "")
+    try:
+        numbers = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        numbers = []
+    aliases = ", ".join(f"{alias} (v{version})" for alias, version in sorted((model.aliases or {}).items()))
+    versions = (f"{numbers[0]}-{numbers[-1]}" if numbers and numbers[-1] - numbers[0] + 1 == len(numbers)
+                else ", ".join(map(str, numbers))) or "none"
+    return f"; {name} has aliases {aliases or 'none'} and versions {versions}"
+
+
 def _version_of(model_uri: str) -> tuple[str, str]:
     """`models:/name/<version>` -> (name, version); aliases must be resolved first."""
     match = re.fullmatch(r"models:/([^/@]+)/(\d+)", model_uri)
