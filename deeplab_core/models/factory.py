@@ -161,25 +161,17 @@ def _options(builder: Callable[..., Any]) -> dict[str, Any]:
     }
 
 
-def build_model(
-    arch: str,
-    backbone: str | None = None,
-    num_classes: int = 21,
-    output_stride: int | None = None,
-    pretrained: str | None = None,
-    aux: bool = False,
-    input_mean: Sequence[float] = IMAGENET_MEAN,
-    input_std: Sequence[float] = IMAGENET_STD,
-    **opts: Any,
-) -> nn.Module:
-    """Build a DeepLab model; see the module docstring and docs/models.md for the options.
+def check_model_arguments(arch: str, backbone: str | None = None, output_stride: int | None = None,
+                          aux: bool = False, **opts: Any) -> None:
+    """Raises the ValueError `build_model` would raise for these arguments, without building
+    anything (configs are checked when loaded, before a cluster starts)."""
+    _resolved(arch, backbone, output_stride, aux, opts)
 
-    `pretrained` (a local path, an fsspec URI, or "imagenet" for torchvision's ImageNet weights)
-    loads into the backbone by name. It is left out of `model.config`: a rebuilt model gets its
-    weights from its checkpoint, not from where its backbone once came from.
-    `input_mean` / `input_std` (RGB, for inputs scaled to [0, 1]) are recorded in `model.config`
-    for whoever feeds the model; the network itself never reads them.
-    """
+
+def _resolved(arch: str, backbone: str | None, output_stride: int | None, aux: bool,
+              opts: dict[str, Any]) -> tuple[ArchSpec, str, int, dict[str, Any], dict[str, Any]]:
+    """(arch spec, backbone name, output stride, backbone kwargs, head kwargs) with the defaults
+    filled in; a ValueError listing the valid choices for anything unknown or unsupported."""
     arch_spec: ArchSpec = choose(ARCHS, arch, "arch")
     backbone = arch_spec.default_backbone if backbone is None else backbone
     if backbone not in arch_spec.backbones:
@@ -205,7 +197,31 @@ def build_model(
                          f"{', '.join(sorted({**backbone_options, **head_options})) or 'none'}")
     backbone_kwargs = {name: opts.get(name, default) for name, default in backbone_options.items()}
     head_kwargs = {name: opts.get(name, default) for name, default in head_options.items()}
+    return arch_spec, backbone, output_stride, backbone_kwargs, head_kwargs
 
+
+def build_model(
+    arch: str,
+    backbone: str | None = None,
+    num_classes: int = 21,
+    output_stride: int | None = None,
+    pretrained: str | None = None,
+    aux: bool = False,
+    input_mean: Sequence[float] = IMAGENET_MEAN,
+    input_std: Sequence[float] = IMAGENET_STD,
+    **opts: Any,
+) -> nn.Module:
+    """Build a DeepLab model; see the module docstring and docs/models.md for the options.
+
+    `pretrained` (a local path, an fsspec URI, or "imagenet" for torchvision's ImageNet weights)
+    loads into the backbone by name. It is left out of `model.config`: a rebuilt model gets its
+    weights from its checkpoint, not from where its backbone once came from.
+    `input_mean` / `input_std` (RGB, for inputs scaled to [0, 1]) are recorded in `model.config`
+    for whoever feeds the model; the network itself never reads them.
+    """
+    arch_spec, backbone, output_stride, backbone_kwargs, head_kwargs = _resolved(
+        arch, backbone, output_stride, aux, opts)
+    backbone_spec = BACKBONES[backbone]
     body, channels = backbone_spec.build(output_stride, **backbone_kwargs)
     aux_classifier = FCNHead(channels["aux"], num_classes) if aux else None
     parts = Parts(backbone, body, channels, num_classes, output_stride, aux_classifier)

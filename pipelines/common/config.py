@@ -55,10 +55,11 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
 
 
 def merge(base: Mapping, update: Mapping) -> dict:
-    """Recursive dict merge; `update` wins."""
+    """Recursive dict merge; `update` wins. An empty mapping replaces (`model.options={}` clears
+    the demo's options) rather than merging nothing."""
     out = dict(base)
     for key, value in update.items():
-        both_dicts = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        both_dicts = isinstance(value, Mapping) and bool(value) and isinstance(out.get(key), Mapping)
         out[key] = merge(out[key], value) if both_dicts else value
     return out
 
@@ -102,6 +103,18 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _closest_key(key: str, known: Sequence[str]) -> str | None:
+    """The known key a misspelt one most likely meant: a sibling in the same section first
+    (`optim.lr` -> `optim.base_lr`, whose whole dotted names differ too much), else any key."""
+    section, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section and k != section}
+    close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.4) if section else []
+    if close:
+        return siblings[close[0]]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def describe_errors(err: ValidationError, model: type[BaseModel],
                     labels: Mapping[str, str] | None = None) -> str:
     """pydantic's errors as `key: problem` lines, with 'did you mean' for unknown keys. `labels`
@@ -112,10 +125,12 @@ def describe_errors(err: ValidationError, model: type[BaseModel],
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"
         key = (labels or {}).get(key, key)
         if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            lines.append(f"unknown key {key}" + (f"; did you mean {close[0]}?" if close else ""))
+            close = _closest_key(key, known)
+            lines.append(f"unknown key {key}" + (f"; did you mean {close}?" if close else ""))
+        elif error["type"] == "missing" and "." not in key:  # the jobs' top-level fields are also flags
+            lines.append(f"{key} is required (--{key.replace('_', '-')} or {key}=...)")
         else:
-            lines.append(f"{key}: {error['msg']}")
+            lines.append(f"{key}: {error['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)
 
 

@@ -4,6 +4,7 @@ model a run segments with: found, pinned and loaded once on the driver."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -36,7 +37,9 @@ def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *,
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), math.ceil(len(rows) / batch_size))))
     # Bounded retries: the guard turns an input that kills workers into an error row after
     # crash_limit deaths; Ray's default for actors is to retry without end. (Ray 2.60 has no
-    # named map_batches parameter for these yet: they go as remote args, with its warning.)
+    # named map_batches parameter for these yet: they go as remote args, whose deprecation
+    # warning says to use named parameters that do not exist; not shown to users.)
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
     tasks, actors = {}, {}
     if plan.guard is not None:
         retries = plan.guard.ray_retries(batch_size)
@@ -81,7 +84,7 @@ def model_errors(uri: str) -> Iterator[None]:
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 - missing, truncated, unknown alias, not a checkpoint
-        reason = redact_urls(" ".join(str(getattr(err, "message", err)).split()))[:300] or type(err).__name__
+        reason = redact_urls(" ".join(str(getattr(err, "message", err)).split()))[:300].rstrip(".") or type(err).__name__
         raise InputError(f"cannot load model {redact_urls(uri)}: {reason}{_registry_hint(uri)}") from None
 
 

@@ -90,9 +90,13 @@ def registry_hint(uri: str, client=None) -> str:
     except MlflowException:
         numbers = []
     aliases = ", ".join(f"{alias} (v{version})" for alias, version in sorted((model.aliases or {}).items()))
-    versions = (f"{numbers[0]}-{numbers[-1]}" if numbers and numbers[-1] - numbers[0] + 1 == len(numbers)
-                else ", ".join(map(str, numbers))) or "none"
-    return f"; {name} has aliases {aliases or 'none'} and versions {versions}"
+    if len(numbers) == 1:
+        versions = f"version {numbers[0]}"
+    elif numbers and numbers[-1] - numbers[0] + 1 == len(numbers):
+        versions = f"versions {numbers[0]}-{numbers[-1]}"
+    else:
+        versions = f"versions {', '.join(map(str, numbers)) or 'none'}"
+    return f"; {name} has aliases {aliases or 'none'} and {versions}"
 
 
 def _version_of(model_uri: str) -> tuple[str, str]:

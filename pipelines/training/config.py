@@ -30,6 +30,14 @@ class ModelSection(Section):
     aux: bool = False
     options: dict[str, Any] = Field(default_factory=dict)  # arch-specific build_model options
 
+    @model_validator(mode="after")
+    def _buildable(self) -> "ModelSection":
+        # Checked here, not in a train worker after the cluster started.
+        from deeplab_core.models import check_model_arguments
+
+        check_model_arguments(self.arch, self.backbone, self.output_stride, self.aux, **self.options)
+        return self
+
     def build_kwargs(self) -> dict[str, Any]:
         return {"arch": self.arch, "backbone": self.backbone, "num_classes": self.num_classes,
                 "output_stride": self.output_stride, "pretrained": self.pretrained, "aux": self.aux,

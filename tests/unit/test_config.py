@@ -19,8 +19,12 @@ def test_defaults_are_the_embedded_demo():
 def test_demo_yaml_is_the_embedded_demo_and_sections_start_from_paper_defaults():
     demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
     assert load_train_config(demo) == TrainConfig()
-    cfg = load_train_config(None, ["model.backbone=resnet18"])  # the demo's options stay
+    cfg = load_train_config(None, ["model.num_classes=4"])  # the demo's options stay
     assert cfg.model.options == {"width_mult": 0.5, "separable": True}
+    # ... and are checked against the backbone when loaded, not in a train worker
+    with pytest.raises(ConfigError, match="unknown option.s. width_mult for deeplabv3plus with resnet18"):
+        load_train_config(None, ["model.backbone=resnet18"])
+    assert load_train_config(None, ["model.backbone=resnet18", "model.options={}"]).model.options == {}
     # A whole `model:`/`optim:` section (as in a preset) does not inherit the demo's choices.
     cfg = TrainConfig.model_validate({"model": {"backbone": "resnet18"}, "optim": {"max_iters": 5}})
     assert cfg.model.options == {} and cfg.optim.name == "sgd"
@@ -63,6 +67,27 @@ def test_a_misspelled_key_gets_one_line_with_a_suggestion():
     with pytest.raises(ConfigError) as info:
         load_train_config(None, ["optim.base_lrr=0.1"])
     assert str(info.value) == "unknown key optim.base_lrr; did you mean optim.base_lr?"
+
+
+@pytest.mark.parametrize("override, line", [
+    ("optim.lr=0.01", "unknown key optim.lr; did you mean optim.base_lr?"),  # a sibling, not the section
+    ("optimm.max_iters=5", "unknown key optimm; did you mean optim?"),
+    ("model.arch=deeplabv4", "model: unknown arch 'deeplabv4'; choose from: deeplabv1, deeplabv2, deeplabv3, "
+                             "deeplabv3plus"),
+    ("model.options={aspp_rates: [6, 12, 18], dropuot: 0.1}", "model: unknown option(s) dropuot for deeplabv3plus"),
+])
+def test_mistakes_a_newcomer_makes_are_one_line_before_anything_starts(override, line):
+    with pytest.raises(ConfigError) as info:
+        load_train_config(None, [override])
+    assert str(info.value).startswith(line)
+
+
+def test_a_missing_required_field_names_its_flag():
+    from pipelines.segmentation.config import SegmentConfig
+    from pipelines.common.config import load_config
+
+    with pytest.raises(ConfigError, match=r"^model is required \(--model or model=\.\.\.\)$"):
+        load_config(SegmentConfig, None, [], {"input": "in", "output": "out"})
 
 
 def test_flatten_for_mlflow_params():

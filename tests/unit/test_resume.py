@@ -19,14 +19,14 @@ def test_same_config_resumes_and_another_is_refused_with_both_ways_out(tmp_path)
     # More iterations or another LR is the same model and data: a killed or extended run continues.
     assert check_resume(load_train_config(None, ["optim.max_iters=900", "optim.base_lr=0.02"]), run_dir) is True
 
-    other = load_train_config(None, ["model.backbone=resnet18", "data.crop_size=96"])
+    other = load_train_config(None, ["model.backbone=resnet18", "model.options={}", "data.crop_size=96"])
     with pytest.raises(InputError) as info:
         check_resume(other, run_dir)
     message = str(info.value)
     assert "model.backbone: 'mobilenetv2' -> 'resnet18'" in message and "data.crop_size: 64 -> 96" in message
     assert "run.name=" in message and "run.resume=force" in message and "\n" not in message
 
-    forced = load_train_config(None, ["model.backbone=resnet18", "data.crop_size=96", "run.resume=force"])
+    forced = load_train_config(None, ["model.backbone=resnet18", "model.options={}", "data.crop_size=96", "run.resume=force"])
     assert check_resume(forced, run_dir) is True
     assert check_resume(other, run_dir) is True  # the forced config is now the run's
 
@@ -46,7 +46,7 @@ def test_train_script_stops_before_ray_with_one_line(tmp_path, capsys):
     connected_before = ray.is_initialized()  # an earlier test of the session may hold a cluster
     storage = tmp_path / "runs"
     check_resume(load_train_config(None, []), str(storage / "deeplab-demo"))
-    code = train.main([f"run.storage_path={storage}", "model.backbone=resnet18", "tracking.tracking_uri=null",
+    code = train.main([f"run.storage_path={storage}", "model.backbone=resnet18", "model.options={}", "tracking.tracking_uri=null",
                        f"data.root={tmp_path / 'data'}"])
     assert code == 2 and (connected_before or not ray.is_initialized())
     err = capsys.readouterr().err.strip().splitlines()
