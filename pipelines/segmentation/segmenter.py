@@ -35,16 +35,23 @@ class Segmenter:
                  max_pixels: int | None = None, crf: bool = True, crf_params: CRFParams | None = None,
                  crf_backend: str = "auto", device: str = "auto", model_uri: str | None = None,
                  max_input_pixels: int | None = None,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None, runtime: str = "torch") -> None:
         import torch
 
         from deeplab_core.crf import choose_backend
+        from pipelines.segmentation import runtime as runtimes
         from pipelines.segmentation.config import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_TILE_PIXELS
 
+        runtimes.check_available(runtime)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        runtimes.check_device(runtime, device == "cuda")
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        # runtime "onnx": the model exported and checked (runtime.py), run by ONNX Runtime on this
+        # process's torch threads; predict's TTA is the same either way.
+        self.runtime = runtime
+        self.model = runtimes.runtime_model(runtimes.prepare(model.eval(), runtime), runtime,
+                                            torch.get_num_threads()).to(self.device).eval()
         self.mean, self.std = tuple(mean), tuple(std)
         self.tta = TTASettings(tuple(scales), bool(flip), fusion)
         self.scales, self.flip, self.fusion = self.tta.scales, self.tta.flip, self.tta.fusion

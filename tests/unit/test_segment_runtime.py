@@ -1,0 +1,134 @@
+"""`--runtime onnx` (pipelines/segmentation/runtime.py, deeplab_core/onnx_model.py): the export is
+checked against eager at two other sizes, a graph with a size baked in is refused, the graph plugs
+into tta.predict and the model stage with the torch runtime's labels; the missing extra, bf16 and
+GPUs are refused in one line, exit 2."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deeplab_core import build_model
+from deeplab_core.constants import TTASettings
+from deeplab_core.onnx_model import ATOL, CHECK_SHAPES, ExportMismatch, OnnxModel, check_export, export_onnx
+from deeplab_core.tta import predict
+from pipelines import segment
+from pipelines.common.errors import InputError
+from pipelines.segmentation import precision, runtime
+from pipelines.segmentation.config import SegmentConfig
+from pipelines.segmentation.segmenter import Segmenter
+from pipelines.segmentation.stages import IMAGE, LABEL, LABEL_PLAIN, ModelStage
+from tests.unit.test_segment_stages import decoded_batch, plan_for
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("deeplabv3plus", backbone="mobilenetv2", num_classes=6, width_mult=0.25).eval()
+
+
+@pytest.fixture(scope="module")
+def graph(model):
+    return export_onnx(model)  # ~10-20 s of torch.export: once for the module
+
+
+class BakedHalfScale(nn.Module):
+    """Runs its conv at half the input size, the size computed with Python ints as DeepLabv2's
+    MSC pyramid computes it (DeepLabV2._rescale): torch.export bakes the traced size in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        half = F.interpolate(x, size=[int(size[0] * 0.5), int(size[1] * 0.5)], mode="bilinear", align_corners=False)
+        return F.interpolate(self.conv(half), size=size, mode="bilinear", align_corners=False)
+
+
+def test_export_matches_eager_at_two_other_sizes_and_batches(model, graph):
+    checked = check_export(graph, model)
+    assert checked.shapes == CHECK_SHAPES and checked.max_abs_diff < ATOL and checked.labels_equal == 1.0
+    assert graph.config["output_stride"] == 16  # predict's small-scale warning reads it
+    x = torch.randn(2, 3, 41, 53)  # and a third size, odd
+    with torch.inference_mode():
+        torch.testing.assert_close(OnnxModel(graph)(x), model(x), atol=ATOL, rtol=1e-3)
+
+
+def test_a_graph_with_a_baked_size_is_refused_in_one_line(capsys):
+    torch.manual_seed(0)
+    baked = BakedHalfScale().eval()
+    with pytest.raises(ExportMismatch, match="size is baked into the graph"):
+        check_export(export_onnx(baked), baked)
+    with pytest.raises(InputError, match="cannot be used") as refused:
+        runtime.prepare(baked, runtime.ONNX)
+    assert "\n" not in str(refused.value) and "--runtime torch" in str(refused.value)
+    assert capsys.readouterr().out == ""  # nothing said about an export that is not used
+
+
+def test_the_graph_runs_predicts_tta_and_the_model_stage_with_torchs_labels(model, graph):
+    x = torch.randn(2, 3, 48, 64)
+    tta = TTASettings(scales=(0.75, 1.0, 1.25), flip=True)
+    expected = predict(model, x, tta)
+    got = predict(OnnxModel(graph), x, tta)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    plan = plan_for("pydensecrf")
+    onnx_plan = dataclasses.replace(plan, runtime=runtime.ONNX)
+    batch = decoded_batch()
+    torch_out = ModelStage(copy.deepcopy(model), plan, "cpu", 1)(batch)
+    stage = ModelStage(graph, onnx_plan, "cpu", 1)
+    assert isinstance(stage.model, OnnxModel) and not stage.channels_last
+    onnx_out = stage(batch)
+    for i in range(len(batch[IMAGE])):
+        np.testing.assert_array_equal(onnx_out[LABEL][i], torch_out[LABEL][i])
+        np.testing.assert_array_equal(onnx_out[LABEL_PLAIN][i], torch_out[LABEL_PLAIN][i])
+
+
+def test_the_segmenter_takes_the_runtime_too(model, graph, monkeypatch):
+    monkeypatch.setattr(runtime, "prepare", lambda m, name: graph if name == runtime.ONNX else m)  # one export
+    settings = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), scales=(0.75, 1.0), crf=False)
+    image = decoded_batch(1)[IMAGE][0]
+    onnx = Segmenter(copy.deepcopy(model), runtime=runtime.ONNX, device="cpu", **settings)
+    assert isinstance(onnx.model, OnnxModel)
+    np.testing.assert_array_equal(onnx(image), Segmenter(copy.deepcopy(model), device="cpu", **settings)(image))
+
+
+def _hide_onnxruntime(monkeypatch):
+    real = runtime.importlib.util.find_spec
+    monkeypatch.setattr(runtime.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+
+
+def test_without_the_extra_the_onnx_runtime_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
+    _hide_onnxruntime(monkeypatch)
+    runtime.check_available(runtime.TORCH)  # the default never needs it
+    with pytest.raises(InputError, match=r"needs onnxruntime \(not installed\): pip install 'deeplab-ray\[onnx\]'"):
+        runtime.check_available(runtime.ONNX)
+    code = segment.main(["--model", str(tmp_path / "ckpt"), "--input", str(tmp_path), "--output",
+                         str(tmp_path / "out"), "--runtime", "onnx"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "pip install 'deeplab-ray[onnx]'" in err
+    assert not (tmp_path / "out").exists()  # refused before the output was touched
+
+
+def test_onnx_is_cpu_and_float32_only(tmp_path, capsys):
+    with pytest.raises(InputError, match="CPU only"):
+        runtime.check_device(runtime.ONNX, gpu=True)
+    runtime.check_device(runtime.ONNX, gpu=False)
+    runtime.check_device(runtime.TORCH, gpu=True)
+    base = {"model": "m", "input": "i", "output": "o", "runtime": "onnx"}
+    for bad, words in (({"device": "cuda"}, "CPU only"), ({"precision": "bf16"}, "float32 only")):
+        with pytest.raises(ValueError, match=words):
+            SegmentConfig(**base, **bad)
+    code = segment.main(["--model", "m", "--input", str(tmp_path), "--output", str(tmp_path / "out"),
+                         "--runtime", "onnx", "--device", "cuda"])
+    assert code == 2 and "CPU only" in capsys.readouterr().err
+    assert SegmentConfig(**base).precision == "auto"
+    assert precision.autocast_for("auto", gpu=False, runtime="onnx") is False  # auto means fp32 here
