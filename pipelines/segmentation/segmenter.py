@@ -66,13 +66,17 @@ class Segmenter:
     def from_uri(cls, uri: str, *, tracking_uri: str | None = None, device: str = "auto",
                  scales: Sequence[float] | None = None, flip: bool | None = None, crf: bool = True,
                  crf_params: Mapping[str, float] | CRFParams | None = None, crf_backend: str = "auto",
-                 storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> Segmenter:
+                 storage_options: Mapping[str, Any] | None = None, runtime: str = "torch",
+                 **kwargs: Any) -> Segmenter:
         """`models:/name@alias`, `models:/name/<version>`, `runs:/...` or a checkpoint dir / file;
         None arguments come from the version's recipe (tags), then the defaults."""
         from pipelines import tracking
         from pipelines.data.checkpoints import normalisation_of
         from pipelines.segmentation import crf_settings, recipe
         from pipelines.segmentation.pipeline import load_checked_model
+        from pipelines.segmentation.runtime import check_available
+
+        check_available(runtime)  # before the model is fetched
 
         with tracking.tracking_uri_set(tracking_uri):
             model_uri, model, meta = load_checked_model(uri, storage_options)
@@ -84,7 +88,7 @@ class Segmenter:
                    scales=scales if scales is not None else tuned.get("scales", DEFAULT_SCALES),
                    flip=flip if flip is not None else tuned.get("flip", True),
                    crf=crf, crf_params=params, crf_backend=crf_backend, device=device, model_uri=model_uri,
-                   storage_options=storage_options, **kwargs)
+                   storage_options=storage_options, runtime=runtime, **kwargs)
 
     # ------------------------------------------------------------------ inputs
 

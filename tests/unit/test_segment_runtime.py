@@ -111,11 +111,14 @@ def test_without_the_extra_the_onnx_runtime_is_refused_in_one_line(monkeypatch, 
     runtime.check_available(runtime.TORCH)  # the default never needs it
     with pytest.raises(InputError, match=r"needs onnxruntime \(not installed\): pip install 'deeplab-ray\[onnx\]'"):
         runtime.check_available(runtime.ONNX)
-    code = segment.main(["--model", str(tmp_path / "ckpt"), "--input", str(tmp_path), "--output",
-                         str(tmp_path / "out"), "--runtime", "onnx"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "pip install 'deeplab-ray[onnx]'" in err
-    assert not (tmp_path / "out").exists()  # refused before the output was touched
+    flags = ["--model", str(tmp_path / "ckpt"), "--input", str(tmp_path), "--output", str(tmp_path / "out"),
+             "--runtime", "onnx"]
+    for local in ([], ["--local"]):  # the Ray job and the in-process Segmenter
+        code = segment.main([*flags, *local])
+        err = capsys.readouterr().err
+        # one line, before the (missing) model is looked for or the output touched
+        assert code == 2 and err.count("\n") == 1 and "pip install 'deeplab-ray[onnx]'" in err, err
+        assert not (tmp_path / "out").exists()
 
 
 def test_onnx_is_cpu_and_float32_only(tmp_path, capsys):
@@ -129,6 +132,7 @@ def test_onnx_is_cpu_and_float32_only(tmp_path, capsys):
             SegmentConfig(**base, **bad)
     code = segment.main(["--model", "m", "--input", str(tmp_path), "--output", str(tmp_path / "out"),
                          "--runtime", "onnx", "--device", "cuda"])
-    assert code == 2 and "CPU only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "CPU only" in err and err.count("\n") == 1, err
     assert SegmentConfig(**base).precision == "auto"
     assert precision.autocast_for("auto", gpu=False, runtime="onnx") is False  # auto means fp32 here

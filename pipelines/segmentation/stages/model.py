@@ -1,5 +1,6 @@
-"""Model stage (actor pool, GPU when present): one model per actor; each batch grouped by image
-size and run through the plan's test-time augmentation (`deeplab_core.tta.predict`). With the
+"""Model stage (actor pool, GPU when present): one model per actor (the PyTorch model, or with
+`--runtime onnx` an ONNX Runtime session of the driver's checked graph, runtime.py); each batch
+grouped by image size and run through the plan's test-time augmentation (`deeplab_core.tta.predict`). With the
 torch CRF backend the CRF runs here too, on the actor's device (probabilities never leave it)."""
 
 from __future__ import annotations
