@@ -11,11 +11,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deeplab_core import build_model
 from deeplab_core.constants import TTASettings
+from deeplab_core.models import DeepLabV2
+from deeplab_core.models.aspp import ASPPV2
 from deeplab_core.onnx_model import ATOL, CHECK_SHAPES, ExportMismatch, OnnxModel, check_export, export_onnx
 from deeplab_core.tta import predict
 from pipelines import segment
@@ -38,18 +39,23 @@ def graph(model):
     return export_onnx(model)  # ~10-20 s of torch.export: once for the module
 
 
-class BakedHalfScale(nn.Module):
-    """Runs its conv at half the input size, the size computed with Python ints as DeepLabv2's
-    MSC pyramid computes it (DeepLabV2._rescale): torch.export bakes the traced size in."""
+class TinyBody(nn.Module):
+    """A one-conv backbone (output stride 4): DeepLabV2's own MSC code around it exports in seconds."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
+        self.conv = nn.Conv2d(3, 8, 3, stride=4, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
-        half = F.interpolate(x, size=[int(size[0] * 0.5), int(size[1] * 0.5)], mode="bilinear", align_corners=False)
-        return F.interpolate(self.conv(half), size=size, mode="bilinear", align_corners=False)
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.conv(x)}
+
+
+def tiny_msc(resize: str) -> nn.Module:
+    """DeepLabv2 MSC at scales (1, 0.5); `msc_resize="size"` computes the pyramid's sizes as Python
+    ints (`int(H * s)`), which torch.export bakes in at the traced size."""
+    torch.manual_seed(0)
+    head = ASPPV2([nn.Conv2d(8, 4, 3, padding=rate, dilation=rate) for rate in (1, 2)])
+    return DeepLabV2(TinyBody(), head, None, msc_scales=(1, 0.5), msc_resize=resize).eval()
 
 
 def test_export_matches_eager_at_two_other_sizes_and_batches(model, graph):
@@ -62,14 +68,15 @@ def test_export_matches_eager_at_two_other_sizes_and_batches(model, graph):
 
 
 def test_a_graph_with_a_baked_size_is_refused_in_one_line(capsys):
-    torch.manual_seed(0)
-    baked = BakedHalfScale().eval()
+    baked = tiny_msc("size")
     with pytest.raises(ExportMismatch, match="size is baked into the graph"):
         check_export(export_onnx(baked), baked)
     with pytest.raises(InputError, match="cannot be used") as refused:
         runtime.prepare(baked, runtime.ONNX)
     assert "\n" not in str(refused.value) and "--runtime torch" in str(refused.value)
     assert capsys.readouterr().out == ""  # nothing said about an export that is not used
+    by_factor = tiny_msc("scale_factor")  # resized by a factor the graph keeps: it generalises
+    assert check_export(export_onnx(by_factor), by_factor).labels_equal == 1.0
 
 
 def test_the_graph_runs_predicts_tta_and_the_model_stage_with_torchs_labels(model, graph):
