@@ -1,19 +1,23 @@
 """CPU fast paths of the segmentation model stage, chosen by measurement: fp32 vs channels_last vs
-bf16 autocast (+ channels_last), on a trained model, in this process (no Ray).
+bf16 autocast (+ channels_last) vs ONNX Runtime (fp32, `--runtime onnx`), on a trained model, in
+this process (no Ray).
 
 Rows: mIoU of plain (scale 1), MS+flip (--scales + flip) and + dense CRF (pydensecrf, DeepLab
 defaults) on the --manifest images, the share of pixels whose label equals fp32's, and the model
 stage's speed on --speed-images synthetic 375 x 500 scenes (plain forward, interleaved repeats,
 median), ratio against fp32 measured in the same run. `make demo` trains the model and writes
 the manifest (data/synthetic/manifests/val.parquet); its checkpoint is under ray_results/.
+`--big` adds a speed-only table of a larger random-weight model at 513 x 513 (e.g.
+`deeplabv3plus/resnet101`), labels compared with fp32's on one random scene.
 
     python bench/segment_precision.py --model ray_results/deeplab-demo/checkpoint_<time> \\
-        --manifest data/synthetic/manifests/val.parquet
+        --manifest data/synthetic/manifests/val.parquet [--big deeplabv3plus/resnet101]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -24,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deeplab_core import build_model  # noqa: E402
+from deeplab_core.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from deeplab_core.crf import dense_crf  # noqa: E402
 from deeplab_core.metrics import confusion_matrix, segmentation_metrics  # noqa: E402
 from deeplab_core.synthetic import SyntheticSpec, render_scene  # noqa: E402
@@ -35,7 +41,60 @@ from pipelines.data.rows import RowDecoder  # noqa: E402
 from pipelines.segmentation.precision import cpu_has_native_bf16  # noqa: E402
 from pipelines.data.checkpoints import normalisation_of, num_classes_of  # noqa: E402
 
-VARIANTS = {"fp32": (False, False), "fp32 channels_last": (True, False), "bf16 autocast + channels_last": (True, True)}
+# name -> (runtime, channels_last, bf16 autocast)
+VARIANTS = {"fp32": ("torch", False, False), "fp32 channels_last": ("torch", True, False),
+            "bf16 autocast + channels_last": ("torch", True, True), "ONNX Runtime (fp32)": ("onnx", False, False)}
+
+
+def _nets(model, threads: int) -> dict[str, tuple]:
+    """Each variant's (module, channels_last, bf16); the ONNX graph exported and checked once."""
+    from deeplab_core.onnx_model import OnnxModel, check_export, export_onnx
+
+    start = time.perf_counter()
+    graph = export_onnx(model.to(memory_format=torch.contiguous_format))
+    check = check_export(graph, model)
+    print(f"ONNX export + check {time.perf_counter() - start:.1f} s, {len(graph.data) / 1e6:.1f} MB; at "
+          f"{check.shapes}: max |logits diff| {check.max_abs_diff:.2g}, labels {100 * check.labels_equal:.2f} %")
+    onnx = OnnxModel(graph, threads)
+    nets = {}
+    for name, (runtime, channels_last, bf16) in VARIANTS.items():
+        # one module per format: the bench interleaves them (to() converts a module in place)
+        net = onnx if runtime == "onnx" else copy.deepcopy(model).to(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        nets[name] = (net, channels_last, bf16)
+    return nets
+
+
+def _timed(nets: dict[str, tuple], images, mean, std, repeats: int) -> dict[str, list[float]]:
+    """Seconds per image of a plain forward, per variant, `repeats` interleaved rounds."""
+    times: dict[str, list[float]] = {name: [] for name in nets}
+    for _ in range(repeats):  # interleaved: load drifts hit every variant alike
+        for name, (net, channels_last, bf16) in nets.items():
+            start = time.perf_counter()
+            _probs(net, images, mean, std, (1.0,), False, channels_last, bf16)
+            times[name].append((time.perf_counter() - start) / len(images))
+    return times
+
+
+def _big_model_speed(spec: str, size: int, repeats: int, threads: int) -> None:
+    """Speed of every variant on a random-weight model at size x size, labels vs fp32's."""
+    arch, backbone = spec.split("/")
+    torch.manual_seed(0)
+    model = build_model(arch, backbone, num_classes=21).eval()
+    nets = _nets(model, threads)
+    image = render_scene(SyntheticSpec(height=size, width=size), 10**7)[0]
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    labels = {name: _probs(net, [image], mean, std, (1.0,), False, cl, bf16)[0].argmax(0)
+              for name, (net, cl, bf16) in nets.items()}
+    times = _timed(nets, [image], mean, std, repeats)
+    base = statistics.median(times["fp32"])
+    print(f"\n{spec} random weights, 21 classes, one {size}x{size} scene, plain, {threads} thread(s), median of {repeats}")
+    print("| variant | labels = fp32 | s/image | speed vs fp32 |")
+    print("|---|---:|---:|---:|")
+    for name in nets:
+        median = statistics.median(times[name])
+        equal = 100 * np.mean(labels[name] == labels["fp32"])
+        print(f"| {name} | {equal:.2f} % | {median:.3f} | {base / median:.2f}x |")
 
 
 def _probs(model, images, mean, std, scales, flip: bool, channels_last: bool, bf16: bool) -> list[np.ndarray]:
@@ -62,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-images", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--big", default=None, help="arch/backbone of a random-weight speed-only table, e.g. "
+                                               "deeplabv3plus/resnet101")
+    p.add_argument("--big-size", type=int, default=513)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     model, meta = load_model(str(Path(a.model).resolve()))
@@ -77,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     speed_images = [render_scene(spec, 10**7 + i)[0] for i in range(a.speed_images)]
 
     results, reference = {}, None
-    for name, (channels_last, bf16) in VARIANTS.items():
-        net = model.to(memory_format=torch.channels_last) if channels_last else model.to(
-            memory_format=torch.contiguous_format)
+    nets = _nets(model, a.threads)
+    for name, (net, channels_last, bf16) in nets.items():
         plain = [pr.argmax(0) for pr in _probs(net, images, mean, std, (1.0,), False, channels_last, bf16)]
         msf = _probs(net, images, mean, std, scales, True, channels_last, bf16)
         crf = [dense_crf(img, pr).argmax(0) for img, pr in zip(images, msf)]
@@ -89,13 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         equal = np.mean([np.mean(x == y) for x, y in zip(msf_labels, reference)])
         results[name] = {"plain": _miou(plain, masks, num_classes), "msf": _miou(msf_labels, masks, num_classes),
                          "crf": _miou(crf, masks, num_classes), "equal": 100 * equal, "times": []}
-    for _ in range(a.repeats):  # interleaved: load drifts hit every variant alike
-        for name, (channels_last, bf16) in VARIANTS.items():
-            net = model.to(memory_format=torch.channels_last) if channels_last else model.to(
-                memory_format=torch.contiguous_format)
-            start = time.perf_counter()
-            _probs(net, speed_images, mean, std, (1.0,), False, channels_last, bf16)
-            results[name]["times"].append((time.perf_counter() - start) / len(speed_images))
+    for name, times in _timed(nets, speed_images, mean, std, a.repeats).items():
+        results[name]["times"] = times
     base = statistics.median(results["fp32"]["times"])
     print(f"model {a.model} ({num_classes} classes); {len(images)} images of {a.manifest}; MS+flip scales "
           f"{a.scales}; speed: {a.speed_images} scenes 375x500, plain, {a.threads} thread(s), median of "
@@ -107,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         median = statistics.median(r["times"])
         print(f"| {name} | {r['plain']:.2f} | {r['msf']:.2f} | {r['crf']:.2f} | {r['equal']:.2f} % | "
               f"{median:.3f} | {base / median:.2f}x |")
+    if a.big:
+        _big_model_speed(a.big, a.big_size, a.repeats, a.threads)
     return 0
 
 

@@ -36,7 +36,7 @@ from pipelines.segmentation.flags import add_crf_flags, add_tta_flags, crf_value
 
 # flag -> config field; the defaults and help texts are the config's own.
 FLAGS = ("model", "input", "output", "max_pixels", "batch_size", "num_model_actors",
-         "cpus_per_model_actor", "crf_workers", "crf_backend", "device", "precision", "since", "tracking_uri",
+         "cpus_per_model_actor", "crf_workers", "crf_backend", "device", "precision", "runtime", "since", "tracking_uri",
          "experiment", "max_attempts", "crash_limit", "lease_ttl_s", "lease_wait_s", "redo")
 
 

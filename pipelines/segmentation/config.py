@@ -87,6 +87,10 @@ class SegmentConfig(WithTTA):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="model forwards: fp32, bf16 autocast, or auto (bf16 on GPUs; on CPUs as "
                             "pipelines/segmentation/precision.py decides). Scoring always runs fp32")
+    runtime: Literal["torch", "onnx"] = Field(
+        "torch", description="model stage runtime: torch (eager PyTorch), or onnx (the model exported once to ONNX, "
+                             "checked against eager at two sizes, run by ONNX Runtime; CPU and fp32 only; needs "
+                             "pip install 'deeplab-ray[onnx]')")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: one GPU per model actor when "
                                                                        "the cluster has GPUs")
     since: str | None = Field(None, description="prefix inputs only: only files modified at/after this ISO "
@@ -122,6 +126,15 @@ class SegmentConfig(WithTTA):
     shared_fs: bool = Field(False, description="local input/output paths are on a filesystem every node "
                                                "mounts (NFS): skip the multi-node check that refuses them")
     progress_every_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _onnx_runs_fp32_on_cpu(self) -> SegmentConfig:
+        # runtime.py: the onnxruntime package has no CUDA provider and no bf16 autocast.
+        if self.runtime == "onnx" and self.precision == "bf16":
+            raise ValueError("runtime onnx runs float32 only: use precision fp32 or auto, or runtime torch")
+        if self.runtime == "onnx" and self.device == "cuda":
+            raise ValueError("runtime onnx runs on CPU only (no CUDA provider): use device cpu or auto, or runtime torch")
+        return self
 
     @field_validator("since")
     @classmethod

@@ -38,7 +38,7 @@ from pipelines.data.errors import ErrorRecord
 from pipelines.common.redaction import redact_urls
 from pipelines.common.uris import absolute_uri, join_uri
 from pipelines.data.storage import check_access, get_fs
-from pipelines.segmentation import crf_settings, ledger, lease, precision, provenance, recipe, resources
+from pipelines.segmentation import crf_settings, ledger, lease, precision, provenance, recipe, resources, runtime
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     ERRORS_DIR,
@@ -92,12 +92,14 @@ def _new_run_id() -> str:
 def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, model_uri: str, plan: InferencePlan,
              write: WriteSpec, gpu: bool, on_batch,
              class_names: Sequence[str] | None = None) -> tuple[Tally, dict | None, str | None, str | None]:
-    """Runs the stages over `todo` (each summary batch to `on_batch`): the tally, the evaluation
-    (metrics, table) with --eval, and the CRF backend that ran."""
+    """Runs the stages over `todo` (each summary batch to `on_batch`) with `model` as the actors
+    get it (runtime.prepare's): the tally, the evaluation (metrics, table) with --eval, and the
+    CRF backend that ran."""
     import ray
 
     crf = f"CRF {plan.crf_backend}" + (" (in the model actor)" if plan.crf_in_model else "") if plan.run_crf else "no CRF"
-    print(f"[segment] model {model_uri} ({plan.num_classes} classes) on {'GPU' if gpu else 'CPU'}; "
+    on = "GPU" if gpu else "CPU" + (" (ONNX Runtime)" if plan.runtime == runtime.ONNX else "")
+    print(f"[segment] model {model_uri} ({plan.num_classes} classes) on {on}; "
           f"scales {format_scales(cfg.tta.scales)}, flip {cfg.tta.flip}, {crf}", flush=True)
     # Ray Data would wait without end for resources the cluster does not have (resources.py).
     problem = resources.plan_problem(cfg.num_model_actors, cfg.cpus_per_model_actor, gpu,
@@ -124,6 +126,7 @@ def _run(cfg: SegmentConfig, verbose: bool) -> SegmentReport:
                                  "output": absolute_uri(cfg.output).rstrip("/")})
     run_id = _new_run_id()
     # Everything that can make the whole run pointless is checked before Ray starts.
+    runtime.check_available(cfg.runtime)
     if cfg.tracking_uri:
         tracking.check_reachable(cfg.tracking_uri, must_exist=tracking.is_registry_uri(cfg.model))
     check_access(cfg.output, cfg.storage_options)
@@ -257,9 +260,12 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
           + f"; {skipped} already settled, {len(known_errors)} unusable id(s), {len(work)} to segment"
           + (f" ({retried} retried after a transient error)" if retried else ""), flush=True)
 
-    model, meta = None, {}
+    model, meta, shipped = None, {}, None
     if work:
         model_uri, model, meta = load_checked_model(model_uri, options)
+        # What the model actors get: the model, or (--runtime onnx) its graph, exported and checked
+        # once, here, before Ray starts.
+        shipped = runtime.prepare(model, cfg.runtime)
     if work and (cfg.crf or cfg.evaluate):
         print(f"[segment] CRF parameters ({crf_source}): {crf_settings.params_json(crf_params)}", flush=True)
     gpu, guard, plan = False, None, None
@@ -271,11 +277,12 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
         ensure_ray(verbose=verbose)
         guard = new_guard(cfg.crash_limit)  # its actor starts while the pipeline is planned
         gpu = use_gpu(cfg.device)
+        runtime.check_device(cfg.runtime, gpu)
         plan = InferencePlan.for_model(
             model, meta, gpu=gpu, crf_backend=cfg.crf_backend, tta=cfg.tta, max_pixels=cfg.max_pixels,
             crf=cfg.crf, crf_params=crf_params, table=evaluate, score=False, overlays=cfg.overlays,
             max_input_pixels=cfg.max_input_pixels, storage_options=options, guard=guard,
-            autocast=precision.autocast_for(cfg.precision, gpu))
+            autocast=precision.autocast_for(cfg.precision, gpu, cfg.runtime), runtime=cfg.runtime)
     write = WriteSpec(cfg.output, run_id, model_uri, cfg.crf, cfg.overlays, cfg.overlay_alpha, options,
                       crf_backend=choose_backend(cfg.crf_backend, gpu), crf_source=crf_source,
                       crf_params=crf_settings.params_json(crf_params), guard=guard)
@@ -283,7 +290,7 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     if known_errors:
         recording.known_errors(known_errors)
     if work:
-        tally, evaluation, table, crf_backend = _segment(cfg, work, model, model_uri, plan, write, gpu,
+        tally, evaluation, table, crf_backend = _segment(cfg, work, shipped, model_uri, plan, write, gpu,
                                                          on_batch=recording, class_names=meta.get("class_names"))
     else:
         tally, evaluation, table, crf_backend = Tally(), None, None, None

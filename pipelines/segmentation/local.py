@@ -26,7 +26,8 @@ def segmenter_for(cfg: SegmentConfig) -> Segmenter:
         cfg.model, tracking_uri=cfg.tracking_uri, device=cfg.device,
         scales=cfg.tta.scales if "scales" in given else None, flip=cfg.tta.flip if "flip" in given else None,
         crf=cfg.crf, crf_params=cfg.crf_params.given(), crf_backend=cfg.crf_backend, fusion=cfg.tta.fusion,
-        max_pixels=cfg.max_pixels, max_input_pixels=cfg.max_input_pixels, storage_options=cfg.storage_options)
+        max_pixels=cfg.max_pixels, max_input_pixels=cfg.max_input_pixels, storage_options=cfg.storage_options,
+        runtime=cfg.runtime)
 
 
 def run_local(cfg: SegmentConfig) -> tuple[int, int]:

@@ -29,10 +29,11 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in BF16_FLAGS)
 
 
-def autocast_for(precision: str, gpu: bool) -> bool | None:
+def autocast_for(precision: str, gpu: bool, runtime: str = "torch") -> bool | None:
     """`predict_probs`' autocast for a run: False for fp32, True for bf16; for auto None on a
-    GPU (bf16 there, as before) and on CPU bf16 only where AUTO_CPU_BF16 and the CPU is native."""
-    if precision == "fp32":
+    GPU (bf16 there, as before) and on CPU bf16 only where AUTO_CPU_BF16 and the CPU is native.
+    The onnx runtime computes float32 only (its config refuses bf16): False."""
+    if precision == "fp32" or runtime == "onnx":
         return False
     if precision == "bf16":
         return True

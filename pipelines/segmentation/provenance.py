@@ -15,7 +15,9 @@ backend that ran is recorded beside them. A run compares its own with each settl
 Entries written before these fields existed (null) never count as different: an upgrade re-does
 nothing by itself (``--redo all`` re-does them). The CRF backend counts only when the run names one
 (``--crf-backend pydensecrf|torch``): ``auto`` is "whatever fits the hardware", and the two
-backends compute the same mean-field CRF.
+backends compute the same mean-field CRF. The model's runtime (``--runtime torch|onnx``) and number
+format (``--precision``) are not recorded: an ONNX graph is used only when it matches the eager
+model (labels equal, runtime.py), so switching runtimes re-does nothing.
 """
 
 from __future__ import annotations

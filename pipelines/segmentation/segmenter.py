@@ -35,16 +35,23 @@ class Segmenter:
                  max_pixels: int | None = None, crf: bool = True, crf_params: CRFParams | None = None,
                  crf_backend: str = "auto", device: str = "auto", model_uri: str | None = None,
                  max_input_pixels: int | None = None,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None, runtime: str = "torch") -> None:
         import torch
 
         from deeplab_core.crf import choose_backend
+        from pipelines.segmentation import runtime as runtimes
         from pipelines.segmentation.config import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_TILE_PIXELS
 
+        runtimes.check_available(runtime)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        runtimes.check_device(runtime, device == "cuda")
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        # runtime "onnx": the model exported and checked (runtime.py), run by ONNX Runtime on this
+        # process's torch threads; predict's TTA is the same either way.
+        self.runtime = runtime
+        self.model = runtimes.runtime_model(runtimes.prepare(model.eval(), runtime), runtime,
+                                            torch.get_num_threads()).to(self.device).eval()
         self.mean, self.std = tuple(mean), tuple(std)
         self.tta = TTASettings(tuple(scales), bool(flip), fusion)
         self.scales, self.flip, self.fusion = self.tta.scales, self.tta.flip, self.tta.fusion
@@ -59,13 +66,17 @@ class Segmenter:
     def from_uri(cls, uri: str, *, tracking_uri: str | None = None, device: str = "auto",
                  scales: Sequence[float] | None = None, flip: bool | None = None, crf: bool = True,
                  crf_params: Mapping[str, float] | CRFParams | None = None, crf_backend: str = "auto",
-                 storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> Segmenter:
+                 storage_options: Mapping[str, Any] | None = None, runtime: str = "torch",
+                 **kwargs: Any) -> Segmenter:
         """`models:/name@alias`, `models:/name/<version>`, `runs:/...` or a checkpoint dir / file;
         None arguments come from the version's recipe (tags), then the defaults."""
         from pipelines import tracking
         from pipelines.data.checkpoints import normalisation_of
         from pipelines.segmentation import crf_settings, recipe
         from pipelines.segmentation.pipeline import load_checked_model
+        from pipelines.segmentation.runtime import check_available
+
+        check_available(runtime)  # before the model is fetched
 
         with tracking.tracking_uri_set(tracking_uri):
             model_uri, model, meta = load_checked_model(uri, storage_options)
@@ -77,7 +88,7 @@ class Segmenter:
                    scales=scales if scales is not None else tuned.get("scales", DEFAULT_SCALES),
                    flip=flip if flip is not None else tuned.get("flip", True),
                    crf=crf, crf_params=params, crf_backend=crf_backend, device=device, model_uri=model_uri,
-                   storage_options=storage_options, **kwargs)
+                   storage_options=storage_options, runtime=runtime, **kwargs)
 
     # ------------------------------------------------------------------ inputs
 

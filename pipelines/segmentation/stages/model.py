@@ -1,5 +1,6 @@
-"""Model stage (actor pool, GPU when present): one model per actor; each batch grouped by image
-size and run through the plan's test-time augmentation (`deeplab_core.tta.predict`). With the
+"""Model stage (actor pool, GPU when present): one model per actor (the PyTorch model, or with
+`--runtime onnx` an ONNX Runtime session of the driver's checked graph, runtime.py); each batch
+grouped by image size and run through the plan's test-time augmentation (`deeplab_core.tta.predict`). With the
 torch CRF backend the CRF runs here too, on the actor's device (probabilities never leave it)."""
 
 from __future__ import annotations
@@ -41,13 +42,16 @@ class ModelStage:
         import ray
         import torch
 
+        from pipelines.segmentation.runtime import runtime_model
+
         model = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
         if device == "cpu":
-            torch.set_num_threads(max(1, num_threads))
+            torch.set_num_threads(max(1, num_threads))  # torch still resizes and fuses the TTA views
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        # NHWC on CPU: oneDNN's convolutions skip their reorders (precision.py)
-        self.channels_last = device == "cpu"
+        # onnx: an ONNX Runtime session with the actor's threads, built from the driver's checked graph
+        self.model = runtime_model(model, plan.runtime, num_threads).to(self.device).eval()
+        # NHWC on CPU: oneDNN's convolutions skip their reorders (precision.py); ONNX Runtime takes NCHW
+        self.channels_last = device == "cpu" and plan.runtime == "torch"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.plan = plan

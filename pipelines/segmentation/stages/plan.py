@@ -43,6 +43,7 @@ class InferencePlan:
     storage_options: Mapping[str, Any] | None
     guard: Guard | None = None  # worker deaths per batch/input (None: Ray's own retries only)
     autocast: bool | None = None  # bf16 autocast of the forwards (precision.py); None: on for CUDA only
+    runtime: str = "torch"  # the model actors' runtime: torch, or onnx (runtime.py: they get an OnnxGraph)
 
     @classmethod
     def for_model(cls, model, meta: Mapping[str, Any], *, gpu: bool, crf_backend: str = "auto",
