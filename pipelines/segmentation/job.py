@@ -39,6 +39,7 @@ from pipelines.common.redaction import redact_urls
 from pipelines.common.uris import absolute_uri, join_uri
 from pipelines.data.storage import check_access, get_fs
 from pipelines.segmentation import crf_settings, ledger, lease, precision, provenance, recipe, resources
+from pipelines.segmentation import engine as engines
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     ERRORS_DIR,
@@ -59,6 +60,7 @@ from pipelines.segmentation.report import (
     Tally,
     consume,
     evaluation_table,
+    tally_batches,
     format_scales,
 )
 from pipelines.segmentation.columns import (
@@ -90,15 +92,35 @@ def _new_run_id() -> str:
 
 
 def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, model_uri: str, plan: InferencePlan,
-             write: WriteSpec, gpu: bool, on_batch,
+             write: WriteSpec, gpu: bool, on_batch, engine: str = engines.RAY,
              class_names: Sequence[str] | None = None) -> tuple[Tally, dict | None, str | None, str | None]:
-    """Runs the stages over `todo` (each summary batch to `on_batch`): the tally, the evaluation
-    (metrics, table) with --eval, and the CRF backend that ran."""
-    import ray
-
-    crf = f"CRF {plan.crf_backend}" + (" (in the model actor)" if plan.crf_in_model else "") if plan.run_crf else "no CRF"
+    """Runs the stages over `todo` with `engine` (each summary batch to `on_batch`): the tally, the
+    evaluation (metrics, table) with --eval, and the CRF backend that ran."""
+    in_model = " (in the model actor)" if engine == engines.RAY else " (with the model)"
+    crf = f"CRF {plan.crf_backend}" + (in_model if plan.crf_in_model else "") if plan.run_crf else "no CRF"
     print(f"[segment] model {model_uri} ({plan.num_classes} classes) on {'GPU' if gpu else 'CPU'}; "
           f"scales {format_scales(cfg.tta.scales)}, flip {cfg.tta.flip}, {crf}", flush=True)
+    if engine == engines.LOCAL:
+        batches = engines.run_batches(
+            todo, plan, model, batch_size=cfg.batch_size, device="cuda" if gpu else "cpu", write=write,
+            # threads as in one model actor: on this shared 2-core machine 2 threads were 9x slower
+            # than 1 under load (OpenMP waits for a descheduled thread); more: --cpus-per-model-actor
+            num_threads=int(max(1, cfg.cpus_per_model_actor)))
+        tally = tally_batches(batches, len(todo), cfg.progress_every_s, on_batch=on_batch)
+    else:
+        tally = consume(_ray_dataset(cfg, todo, model, plan, write, gpu), len(todo), cfg.progress_every_s,
+                        on_batch=on_batch)
+    backend = plan.crf_backend if plan.run_crf else None
+    if not plan.table:
+        return tally, None, None, backend
+    evaluation, table = evaluation_table(tally, cfg.tta, tally.scored, plan.crf_params.iterations, class_names)
+    return tally, evaluation, table, backend
+
+
+def _ray_dataset(cfg: SegmentConfig, todo: Sequence[InputItem], model, plan: InferencePlan, write: WriteSpec,
+                 gpu: bool):
+    import ray
+
     # Ray Data would wait without end for resources the cluster does not have (resources.py).
     problem = resources.plan_problem(cfg.num_model_actors, cfg.cpus_per_model_actor, gpu,
                                      plan.run_crf and not plan.crf_in_model, resources.cluster_nodes())
@@ -107,15 +129,9 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, model_uri: st
     if plan.guard is not None:  # Ray logs one E-level line about this from C++ (not filterable here)
         print("[segment] a Ray 'core_worker.cc ... max_restarts > 0' line may follow: expected; model actors "
               "restart after a crash and reload the model, which this run keeps in the object store", flush=True)
-    ds = build_dataset(todo, plan, ray.put(model), batch_size=cfg.batch_size,
-                       num_model_actors=cfg.num_model_actors, cpus_per_model_actor=cfg.cpus_per_model_actor,
-                       crf_workers=cfg.crf_workers, gpu=gpu, write=write)
-    tally = consume(ds, len(todo), cfg.progress_every_s, on_batch=on_batch)
-    backend = plan.crf_backend if plan.run_crf else None
-    if not plan.table:
-        return tally, None, None, backend
-    evaluation, table = evaluation_table(tally, cfg.tta, tally.scored, plan.crf_params.iterations, class_names)
-    return tally, evaluation, table, backend
+    return build_dataset(todo, plan, ray.put(model), batch_size=cfg.batch_size,
+                         num_model_actors=cfg.num_model_actors, cpus_per_model_actor=cfg.cpus_per_model_actor,
+                         crf_workers=cfg.crf_workers, gpu=gpu, write=write)
 
 
 def _run(cfg: SegmentConfig, verbose: bool) -> SegmentReport:
@@ -216,6 +232,7 @@ class Recording:
 def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Lease, started: float) -> SegmentReport:
     options = cfg.storage_options
     files = ledger.ledger_files(cfg.output, options)
+    previous_died = held.previous_died or bool(files.pending)  # engine auto: Ray's poison guard then
     if files.pending:  # checkpoints of a killed run: settle them first (the lease says it is gone)
         ledger.fold_pending(cfg.output, files, RESULTS_SCHEMA, options)
         files = ledger.ledger_files(cfg.output, options)
@@ -267,10 +284,14 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     if cfg.evaluate and work and not evaluate:
         print("[segment] --eval: no ground-truth masks among the inputs (use a manifest with "
               "mask_uri); no evaluation", flush=True)
+    engine = _engine(cfg, len(work), evaluate, previous_died) if work else engines.RAY
     if work:
-        ensure_ray(verbose=verbose)
-        guard = new_guard(cfg.crash_limit)  # its actor starts while the pipeline is planned
-        gpu = use_gpu(cfg.device)
+        if engine == engines.LOCAL:  # no Ray: no poison guard either (engine.py)
+            gpu = engines.local_device(cfg.device) == "cuda"
+        else:
+            ensure_ray(verbose=verbose)
+            guard = new_guard(cfg.crash_limit)  # its actor starts while the pipeline is planned
+            gpu = use_gpu(cfg.device)
         plan = InferencePlan.for_model(
             model, meta, gpu=gpu, crf_backend=cfg.crf_backend, tta=cfg.tta, max_pixels=cfg.max_pixels,
             crf=cfg.crf, crf_params=crf_params, table=evaluate, score=False, overlays=cfg.overlays,
@@ -284,7 +305,8 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
         recording.known_errors(known_errors)
     if work:
         tally, evaluation, table, crf_backend = _segment(cfg, work, model, model_uri, plan, write, gpu,
-                                                         on_batch=recording, class_names=meta.get("class_names"))
+                                                         on_batch=recording, engine=engine,
+                                                         class_names=meta.get("class_names"))
     else:
         tally, evaluation, table, crf_backend = Tally(), None, None, None
     held.check()
@@ -315,6 +337,17 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     if cfg.tracking_uri and todo:  # a tick with nothing to do leaves no MLflow run
         print(f"[segment] logged to MLflow run {log_run(cfg, report, crf_params, crf_source)}", flush=True)
     return report
+
+
+def _engine(cfg: SegmentConfig, inputs: int, evaluate: bool, previous_died: bool) -> str:
+    """The engine for this run's `inputs` (engine.choose), said in one line."""
+    cpu_crf = False
+    if cfg.engine == "auto" and (cfg.crf or evaluate):  # the CRF backend where the model would run here
+        cpu_crf = choose_backend(cfg.crf_backend, engines.local_device(cfg.device) == "cuda") != "torch"
+    engine, why = engines.choose(cfg.engine, inputs=inputs, local_max_inputs=cfg.local_max_inputs, cpu_crf=cpu_crf,
+                                 attached=engines.attached_to_cluster(), previous_died=previous_died)
+    print(engines.engine_line(engine, inputs, why), flush=True)
+    return engine
 
 
 def log_run(cfg: SegmentConfig, report: SegmentReport, crf_params: CRFParams, crf_source: str) -> str:

@@ -1,0 +1,107 @@
+"""Where a segmentation job's stages run: on Ray Data (pipeline.build_dataset) or in this process.
+
+The in-process engine runs the very same stage callables (decode, model, [CPU CRF | score and
+write]) over the same numpy batches, one batch after another, with the model the driver loaded;
+everything around the stages (lease, selection, ledger, progress, summary, MLflow) is the job's
+own, so outputs and ledger are the same whichever engine ran. It saves Ray's fixed cost (start,
+a fresh worker importing torch, the model through the object store: 15-50 s on 2 cores), which a
+small job does not earn back.
+
+What it gives up, and so when `--engine auto` keeps Ray (`choose`):
+- a cluster (RAY_ADDRESS, `ray job submit`, or a Ray this process already joined): its workers;
+- the CPU CRF (pydensecrf holds the GIL): Ray runs it in parallel processes beside the model;
+- many inputs: Ray's start is paid back above `local_max_inputs` (measured: docs/segmentation.md);
+- the poison guard (poison.py): in-process an input that kills the worker kills the run, and
+  would kill every re-run; so after a run on this output died (its lease never released, or its
+  checkpoints left pending) the next run goes to Ray, whose guard makes that input an error record.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from pipelines.segmentation.io import InputItem
+from pipelines.segmentation.stages import InferencePlan, ModelStage, WriteSpec, decode_stage
+
+LOCAL, RAY = "local", "ray"
+
+
+def attached_to_cluster() -> bool:
+    """Whether this job runs on a Ray cluster it did not start: RAY_ADDRESS (a cluster, or the
+    driver of `ray job submit`), or a Ray this process already joined (a notebook, a test session)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")  # not imported to ask: the in-process engine never loads Ray
+    return ray is not None and ray.is_initialized()
+
+
+def choose(setting: str, *, inputs: int, local_max_inputs: int, cpu_crf: bool, attached: bool,
+           previous_died: bool) -> tuple[str, str]:
+    """(LOCAL or RAY, the reason in words) for `setting` auto/local/ray; see the module doc."""
+    if setting != "auto":
+        return setting, f"--engine {setting}"
+    rule = f"--engine auto; Ray above {local_max_inputs} inputs or with the CPU CRF"
+    if attached:
+        return RAY, "--engine auto: attached to a Ray cluster"
+    if cpu_crf:
+        return RAY, "--engine auto: the CPU CRF (pydensecrf) runs in parallel Ray tasks"
+    if inputs > local_max_inputs:
+        return RAY, f"--engine auto: more than local_max_inputs={local_max_inputs} inputs"
+    if previous_died:
+        return RAY, ("--engine auto: the last run on this output died; Ray's guard turns an input that "
+                     "kills its worker into an error record")
+    return LOCAL, rule
+
+
+def engine_line(engine: str, inputs: int, why: str) -> str:
+    where = "in this process" if engine == LOCAL else "on Ray"
+    return f"[segment] {inputs} input(s): segmenting {where} ({why})"
+
+
+def local_device(setting: str) -> str:
+    """The in-process model's device for `--device` auto/cpu/cuda: auto is a GPU of this machine."""
+    if setting == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def _column_batch(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Rows as the numpy batch a Ray Data stage gets (object columns)."""
+    return {name: np.array([row[name] for row in rows], dtype=object) for name in rows[0]}
+
+
+def run_batches(items: Sequence[InputItem], plan: InferencePlan, model, *, batch_size: int, device: str,
+                num_threads: int, write: WriteSpec | None) -> Iterator[dict[str, np.ndarray]]:
+    """The stages over `items` in this process; yields each batch's per-image summary columns (as
+    the Ray dataset's stream does). The next batch is decoded on a thread while the model runs
+    (PIL and cv2 decode without the GIL)."""
+    from pipelines.segmentation.pipeline import end_stage, input_rows
+
+    model_stage = ModelStage(model, plan, device, num_threads)
+    end = end_stage(plan, write)
+    columns = plan.summary_columns(write=write is not None)
+    rows = input_rows(items)
+    chunks = [_column_batch(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    if not chunks:
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="segment-decode")
+    try:
+        ahead = pool.submit(decode_stage, chunks[0], plan)
+        for k in range(len(chunks)):
+            decoded = ahead.result()
+            if k + 1 < len(chunks):
+                ahead = pool.submit(decode_stage, chunks[k + 1], plan)
+            out = model_stage(decoded)
+            if end is not None:
+                out = end(out, plan=plan, write=write)
+            yield {name: out[name] for name in columns}
+    finally:  # Ctrl-C or an error: the decode in flight ends, nothing more starts
+        pool.shutdown(wait=True, cancel_futures=True)
