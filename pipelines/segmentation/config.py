@@ -21,8 +21,10 @@ DEFAULT_EXPERIMENT = "deeplab-segmentation"
 # 1.4 GB in float32 (a 7000 x 7000 PNG of 6 KB took a worker past 8 GB before this cap).
 DEFAULT_TILE_PIXELS = 2048 * 1024
 DEFAULT_MAX_INPUT_PIXELS = 4096 * 4096
-# engine auto: above this many inputs Ray's start (~15-25 s here) is paid back (docs/segmentation.md).
-DEFAULT_LOCAL_MAX_INPUTS = 64
+# engine auto: the most inputs run in this process. Measured (docs/segmentation.md, "Engines"): no
+# crossover up to 1024 images on 2 cores, the in-process rate per image equals Ray's after Ray's
+# 20-30 s start; above this the start is a small part of a run long enough to want Ray's guard.
+DEFAULT_LOCAL_MAX_INPUTS = 1000
 
 
 class WithTTA(Section):
@@ -131,7 +133,7 @@ class SegmentConfig(WithTTA):
                             "cluster, without the CPU (pydensecrf) CRF, for at most local_max_inputs inputs, and "
                             "not right after a run on this output died")
     local_max_inputs: int = Field(DEFAULT_LOCAL_MAX_INPUTS, ge=0, description="engine auto: the most inputs "
-                                  "segmented in this process (Ray's start pays off above)")
+                                  "segmented in this process")
 
     @field_validator("since")
     @classmethod

@@ -1,7 +1,8 @@
 """Where a segmentation job's stages run: on Ray Data (pipeline.build_dataset) or in this process.
 
 The in-process engine runs the very same stage callables (decode, model, [CPU CRF | score and
-write]) over the same numpy batches, one batch after another, with the model the driver loaded;
+write]) over the same numpy batches, with the model the driver loaded (decode, model and write
+of neighbouring batches overlap on three threads);
 everything around the stages (lease, selection, ledger, progress, summary, MLflow) is the job's
 own, so outputs and ledger are the same whichever engine ran. It saves Ray's fixed cost (start,
 a fresh worker importing torch, the model through the object store: 15-50 s on 2 cores), which a
@@ -80,28 +81,37 @@ def _column_batch(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def run_batches(items: Sequence[InputItem], plan: InferencePlan, model, *, batch_size: int, device: str,
                 num_threads: int, write: WriteSpec | None) -> Iterator[dict[str, np.ndarray]]:
-    """The stages over `items` in this process; yields each batch's per-image summary columns (as
-    the Ray dataset's stream does). The next batch is decoded on a thread while the model runs
-    (PIL and cv2 decode without the GIL)."""
+    """The stages over `items` in this process; yields each batch's per-image summary columns in
+    order (as the Ray dataset's stream does). Three steps overlap, one thread each: decoding the
+    next batch, the model on this one, and the end stage (CRF, score, write) of the one before
+    (PIL, cv2 and torch run without the GIL)."""
     from pipelines.segmentation.pipeline import end_stage, input_rows
 
     model_stage = ModelStage(model, plan, device, num_threads)
     end = end_stage(plan, write)
     columns = plan.summary_columns(write=write is not None)
+
+    def finish(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = batch if end is None else end(batch, plan=plan, write=write)
+        return {name: out[name] for name in columns}
+
     rows = input_rows(items)
     chunks = [_column_batch(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
     if not chunks:
         return
-    pool = ThreadPoolExecutor(1, thread_name_prefix="segment-decode")
+    decoder = ThreadPoolExecutor(1, thread_name_prefix="segment-decode")
+    finisher = ThreadPoolExecutor(1, thread_name_prefix="segment-write")
     try:
-        ahead = pool.submit(decode_stage, chunks[0], plan)
+        ahead, finishing = decoder.submit(decode_stage, chunks[0], plan), None
         for k in range(len(chunks)):
             decoded = ahead.result()
             if k + 1 < len(chunks):
-                ahead = pool.submit(decode_stage, chunks[k + 1], plan)
-            out = model_stage(decoded)
-            if end is not None:
-                out = end(out, plan=plan, write=write)
-            yield {name: out[name] for name in columns}
-    finally:  # Ctrl-C or an error: the decode in flight ends, nothing more starts
-        pool.shutdown(wait=True, cancel_futures=True)
+                ahead = decoder.submit(decode_stage, chunks[k + 1], plan)
+            predicted = model_stage(decoded)
+            if finishing is not None:  # at most one batch waits to be written: a kill loses little
+                yield finishing.result()
+            finishing = finisher.submit(finish, predicted)
+        yield finishing.result()
+    finally:  # Ctrl-C or an error: the steps in flight end, nothing more starts
+        decoder.shutdown(wait=True, cancel_futures=True)
+        finisher.shutdown(wait=True, cancel_futures=True)
