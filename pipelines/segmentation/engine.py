@@ -13,8 +13,9 @@ What it gives up, and so when `--engine auto` keeps Ray (`choose`):
 - the CPU CRF (pydensecrf holds the GIL): Ray runs it in parallel processes beside the model;
 - many inputs: Ray's start is paid back above `local_max_inputs` (measured: docs/segmentation.md);
 - the poison guard (poison.py): in-process an input that kills the worker kills the run, and
-  would kill every re-run; so after a run on this output died (its lease never released, or its
-  checkpoints left pending) the next run goes to Ray, whose guard makes that input an error record.
+  would kill every re-run; so after a run on this output died (its lease never released: a
+  Ctrl-C or an error releases it) the next run goes to Ray, whose guard makes that input an error
+  record.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def choose(setting: str, *, inputs: int, local_max_inputs: int, cpu_crf: bool, a
     if inputs > local_max_inputs:
         return RAY, f"--engine auto: more than local_max_inputs={local_max_inputs} inputs"
     if previous_died:
-        return RAY, ("--engine auto: the last run on this output died; Ray's guard turns an input that "
-                     "kills its worker into an error record")
+        return RAY, ("--engine auto: the last run on this output died (its lease was never released); Ray's "
+                     "guard turns an input that kills its worker into an error record")
     return LOCAL, rule
 
 

@@ -232,7 +232,6 @@ class Recording:
 def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Lease, started: float) -> SegmentReport:
     options = cfg.storage_options
     files = ledger.ledger_files(cfg.output, options)
-    previous_died = held.previous_died or bool(files.pending)  # engine auto: Ray's poison guard then
     if files.pending:  # checkpoints of a killed run: settle them first (the lease says it is gone)
         ledger.fold_pending(cfg.output, files, RESULTS_SCHEMA, options)
         files = ledger.ledger_files(cfg.output, options)
@@ -284,7 +283,9 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     if cfg.evaluate and work and not evaluate:
         print("[segment] --eval: no ground-truth masks among the inputs (use a manifest with "
               "mask_uri); no evaluation", flush=True)
-    engine = _engine(cfg, len(work), evaluate, previous_died) if work else engines.RAY
+    # A run that died (its lease never released; a Ctrl-C or an error releases it) may have been
+    # killed by one of these inputs: engine auto runs them under Ray's poison guard.
+    engine = _engine(cfg, len(work), evaluate, held.previous_died) if work else engines.RAY
     if work:
         if engine == engines.LOCAL:  # no Ray: no poison guard either (engine.py)
             gpu = engines.local_device(cfg.device) == "cuda"
