@@ -1,4 +1,4 @@
-"""Segment a folder, bucket prefix or manifest of images with a DeepLab model, on Ray.
+"""Segment a folder, bucket prefix or manifest of images with a DeepLab model, on Ray (a small job: in this process).
 
     python pipelines/segment.py --model models:/deeplab@champion --input s3://b/incoming/ --output s3://b/masks/
     python pipelines/segment.py --model ./checkpoints/best --input val.parquet --output ./out --eval

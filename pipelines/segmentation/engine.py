@@ -1,8 +1,7 @@
 """Where a segmentation job's stages run: on Ray Data (pipeline.build_dataset) or in this process.
 
 The in-process engine runs the very same stage callables (decode, model, [CPU CRF | score and
-write]) over the same numpy batches, with the model the driver loaded (decode, model and write
-of neighbouring batches overlap on three threads);
+write]) over the same numpy batches, one after another, with the model the driver loaded;
 everything around the stages (lease, selection, ledger, progress, summary, MLflow) is the job's
 own, so outputs and ledger are the same whichever engine ran. It saves Ray's fixed cost (start,
 a fresh worker importing torch, the model through the object store: 15-50 s on 2 cores), which a
@@ -11,7 +10,8 @@ small job does not earn back.
 What it gives up, and so when `--engine auto` keeps Ray (`choose`):
 - a cluster (RAY_ADDRESS, `ray job submit`, or a Ray this process already joined): its workers;
 - the CPU CRF (pydensecrf holds the GIL): Ray runs it in parallel processes beside the model;
-- many inputs: Ray's start is paid back above `local_max_inputs` (measured: docs/segmentation.md);
+- many inputs: above `local_max_inputs` Ray's start is a small part of the run, and its guard and
+  more model actors are worth it (measured: docs/segmentation.md, "Engines");
 - the poison guard (poison.py): in-process an input that kills the worker kills the run, and
   would kill every re-run; so after a run on this output died (its lease never released: a
   Ctrl-C or an error releases it) the next run goes to Ray, whose guard makes that input an error
@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -82,37 +81,18 @@ def _column_batch(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def run_batches(items: Sequence[InputItem], plan: InferencePlan, model, *, batch_size: int, device: str,
                 num_threads: int, write: WriteSpec | None) -> Iterator[dict[str, np.ndarray]]:
-    """The stages over `items` in this process; yields each batch's per-image summary columns in
-    order (as the Ray dataset's stream does). Three steps overlap, one thread each: decoding the
-    next batch, the model on this one, and the end stage (CRF, score, write) of the one before
-    (PIL, cv2 and torch run without the GIL)."""
+    """The stages over `items` in this process, one batch after another; yields each batch's
+    per-image summary columns in order (as the Ray dataset's stream does). No threads: decoding
+    the next batch and writing the last one on threads beside the model measured no faster here
+    (64 demo images, 6 interleaved repeats, 2 busy cores: median 7.0 s threaded, 6.3 s serial)."""
     from pipelines.segmentation.pipeline import end_stage, input_rows
 
     model_stage = ModelStage(model, plan, device, num_threads)
     end = end_stage(plan, write)
     columns = plan.summary_columns(write=write is not None)
-
-    def finish(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = batch if end is None else end(batch, plan=plan, write=write)
-        return {name: out[name] for name in columns}
-
     rows = input_rows(items)
-    chunks = [_column_batch(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-    if not chunks:
-        return
-    decoder = ThreadPoolExecutor(1, thread_name_prefix="segment-decode")
-    finisher = ThreadPoolExecutor(1, thread_name_prefix="segment-write")
-    try:
-        ahead, finishing = decoder.submit(decode_stage, chunks[0], plan), None
-        for k in range(len(chunks)):
-            decoded = ahead.result()
-            if k + 1 < len(chunks):
-                ahead = decoder.submit(decode_stage, chunks[k + 1], plan)
-            predicted = model_stage(decoded)
-            if finishing is not None:  # at most one batch waits to be written: a kill loses little
-                yield finishing.result()
-            finishing = finisher.submit(finish, predicted)
-        yield finishing.result()
-    finally:  # Ctrl-C or an error: the steps in flight end, nothing more starts
-        decoder.shutdown(wait=True, cancel_futures=True)
-        finisher.shutdown(wait=True, cancel_futures=True)
+    for start in range(0, len(rows), batch_size):
+        out = model_stage(decode_stage(_column_batch(rows[start:start + batch_size]), plan))
+        if end is not None:
+            out = end(out, plan=plan, write=write)
+        yield {name: out[name] for name in columns}

@@ -13,7 +13,8 @@ by pipeline.py; the plan they share is built here, InferencePlan.for_model)::
     record                       (driver)     results + ledger checkpoints, one file each per run
 
 An input that kills its worker process ends as an error row (poison.py). Output layout and the
-idempotency contract: io.py and ledger.py.
+idempotency contract: io.py and ledger.py. The same stages also run in this process, without Ray
+(engine.py: --engine local, and auto for a small job off a cluster without the CPU CRF).
 """
 
 from __future__ import annotations
