@@ -1,20 +1,26 @@
-"""The segmentation product (`pipelines/segment.py` on a local Ray) against a hand-written loop
-doing the same work on the same images, each a fresh process, interleaved.
+"""The segmentation product against a hand-written loop on the same images, fresh processes, interleaved.
+
+The product is `pipelines/segment.py` as a user runs it (`--engine auto`: in this process for a
+small plain job, else on a local Ray), and with `--engine ray` (and `--engine local`) beside it;
+the hand loop does the same work by hand.
 
 Same work: decode (PIL), the same checkpoint through ``predict_probs`` (1 torch thread), for
 `tta-crf` the same scales + flip and pydensecrf in a process pool of --crf-workers (a CRF is
 handed to the pool as soon as its probabilities exist, so model and CRF overlap, as in the
 product), the same palette PNG written per image. Both are timed from process start to process
 exit (imports, model load, Ray start and stop included: what a user waits for), with the time
-to the first mask on disk. A 1-image run of each gives the fixed cost. Ratio = hand-loop seconds
-/ product seconds (>1: the product is faster).
+to the first mask on disk. A 1-image run of each gives the fixed cost. Ratios are seconds of a
+runner / seconds of the first runner (--runners): hand loop / product > 1, the product is faster.
 
     python bench/segment_vs_loop.py --model ray_results/deeplab-demo/checkpoint_<time> --images 64
+    # engine auto's threshold: in-process against Ray at a few sizes, plain (docs/segmentation.md)
+    python bench/segment_vs_loop.py --model ... --images 16,64,256 --modes plain --runners local,ray
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import subprocess
@@ -60,9 +66,9 @@ def _timed(cmd: list[str], masks: Path) -> tuple[float, float | None, int]:
     return total, (first[0] if first else None), code
 
 
-def product_cmd(model: str, images: Path, out: Path, mode: str, crf_workers: int) -> list[str]:
+def product_cmd(model: str, images: Path, out: Path, mode: str, crf_workers: int, engine: str = "auto") -> list[str]:
     cmd = [sys.executable, "pipelines/segment.py", "--model", model, "--input", str(images), "--output", str(out),
-           "--crf-workers", str(crf_workers)]
+           "--crf-workers", str(crf_workers), "--engine", engine]
     return cmd + (["--scales", TTA_SCALES] if mode == "tta-crf" else ["--scales", "1", "--no-flip", "--no-crf"])
 
 
@@ -118,12 +124,23 @@ def hand_loop(model_uri: str, input_dir: str, output: str, mode: str, crf_worker
         pool.join()
 
 
+RUNNERS = {  # name -> command maker
+    "product": product_cmd,  # as a user runs it: --engine auto
+    "product ray": functools.partial(product_cmd, engine="ray"),
+    "product local": functools.partial(product_cmd, engine="local"),
+    "hand loop": hand_cmd,
+}
+RUNNER_FLAGS = {"auto": "product", "ray": "product ray", "local": "product local", "hand": "hand loop"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="checkpoint dir")
-    p.add_argument("--images", type=int, default=64)
-    p.add_argument("--tta-images", type=int, default=None, help="images of the tta-crf rows (default --images)")
+    p.add_argument("--images", default="64", help="image counts, comma-separated (a 1-image run is added)")
+    p.add_argument("--tta-images", default=None, help="image counts of the tta-crf rows (default --images)")
     p.add_argument("--modes", default="plain,tta-crf")
+    p.add_argument("--runners", default="auto,ray,hand", help=f"of {','.join(RUNNER_FLAGS)}; the first is the "
+                                                               "denominator of the ratios")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--crf-workers", type=int, default=2)
     p.add_argument("--hand-loop", action="store_true", help=argparse.SUPPRESS)
@@ -136,20 +153,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     model = str(Path(a.model).resolve())
     work = Path(tempfile.mkdtemp(prefix="seg-vs-loop-"))
-    counts = {"plain": a.images, "tta-crf": a.tta_images or a.images}
+    counts = {"plain": _counts(a.images), "tta-crf": _counts(a.tta_images or a.images)}
+    runners = [RUNNER_FLAGS[name] for name in a.runners.split(",")]
     rows = []
     try:
         for mode in a.modes.split(","):
-            for count in (1, counts[mode]):
+            for count in counts[mode]:
                 folder = work / f"in-{count}"
                 if not folder.exists():
                     _write_images(folder, count)
                 for repeat in range(a.repeats):
-                    # interleaved, the order alternating between repeats: load drifts hit both alike
-                    order = (("product", product_cmd), ("hand loop", hand_cmd))
-                    for name, make in (order if repeat % 2 == 0 else order[::-1]):
+                    # interleaved, the order alternating between repeats: load drifts hit all alike
+                    for name in (runners if repeat % 2 == 0 else runners[::-1]):
                         out = work / f"out-{name.replace(' ', '')}-{mode}-{count}-{repeat}"
-                        total, first, code = _timed(make(model, folder, out, mode, a.crf_workers), out / "masks")
+                        cmd = RUNNERS[name](model, folder, out, mode, a.crf_workers)
+                        total, first, code = _timed(cmd, out / "masks")
                         written = len(list((out / "masks").glob("*.png")))
                         rows.append((mode, count, repeat, name, total, first, code, written))
                         print(f"# {mode} {count} images, {name}: {total:.1f} s, first mask "
@@ -159,15 +177,21 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     load = os.getloadavg()
     print(f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {os.cpu_count()} CPUs; model {a.model}")
-    print("| mode | images | run | product s | hand loop s | hand/product | product first mask s | hand first mask s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    base, others = runners[0], runners[1:]
+    print("| mode | images | run | " + " | ".join(f"{n} s" for n in runners) + " | "
+          + " | ".join(f"{n}/{base}" for n in others) + " | " + " | ".join(f"{n} first mask s" for n in runners) + " |")
+    print("|---|---:|---:|" + "---:|" * (3 * len(runners) - 1))
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for mode, count, repeat in dict.fromkeys((r[0], r[1], r[2]) for r in rows):
-        prod = next(r for r in rows if r[:3] == (mode, count, repeat) and r[3] == "product")
-        hand = next(r for r in rows if r[:3] == (mode, count, repeat) and r[3] == "hand loop")
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        print(f"| {mode} | {count} | {repeat + 1} | {prod[4]:.1f} | {hand[4]:.1f} | {hand[4] / prod[4]:.2f} | "
-              f"{fmt(prod[5])} | {fmt(hand[5])} |")
+        got = {r[3]: r for r in rows if r[:3] == (mode, count, repeat)}
+        print(f"| {mode} | {count} | {repeat + 1} | " + " | ".join(f"{got[n][4]:.1f}" for n in runners) + " | "
+              + " | ".join(f"{got[n][4] / got[base][4]:.2f}" for n in others) + " | "
+              + " | ".join(fmt(got[n][5]) for n in runners) + " |")
     return 0
+
+
+def _counts(text: str) -> list[int]:
+    return [1] + [int(c) for c in text.split(",") if int(c) != 1]
 
 
 if __name__ == "__main__":

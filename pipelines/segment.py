@@ -1,9 +1,9 @@
-"""Segment a folder, bucket prefix or manifest of images with a DeepLab model, on Ray.
+"""Segment a folder, bucket prefix or manifest of images with a DeepLab model, on Ray (a small job: in this process).
 
     python pipelines/segment.py --model models:/deeplab@champion --input s3://b/incoming/ --output s3://b/masks/
     python pipelines/segment.py --model ./checkpoints/best --input val.parquet --output ./out --eval
     python pipelines/segment.py --config segment.yaml crf_params.iterations=5
-    python pipelines/segment.py --model models:/deeplab@champion --input photo.jpg --output ./out --local
+    python pipelines/segment.py --model models:/deeplab@champion --input photo.jpg --output ./out --engine local
     ray job submit --working-dir . -- python pipelines/segment.py --model ... --input ... --output ...
 
 Every setting is a field of SegmentConfig (pipelines/segmentation/config.py): from a YAML file
@@ -36,8 +36,9 @@ from pipelines.segmentation.flags import add_crf_flags, add_tta_flags, crf_value
 
 # flag -> config field; the defaults and help texts are the config's own.
 FLAGS = ("model", "input", "output", "max_pixels", "batch_size", "num_model_actors",
-         "cpus_per_model_actor", "crf_workers", "crf_backend", "device", "precision", "runtime", "since", "tracking_uri",
-         "experiment", "max_attempts", "crash_limit", "lease_ttl_s", "lease_wait_s", "redo")
+         "cpus_per_model_actor", "crf_workers", "crf_backend", "device", "precision", "runtime", "since",
+         "tracking_uri", "experiment", "max_attempts", "crash_limit", "lease_ttl_s", "lease_wait_s", "redo", "engine",
+         "local_max_inputs")
 
 
 
@@ -60,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-fs", dest="shared_fs", action="store_const", const=True, default=None,
                    help=field_help(SegmentConfig, "shared_fs"))
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any input ended as an error")
-    p.add_argument("--local", action="store_true",
-                   help="segment FILE|DIR in this process without Ray or ledger (masks under OUTPUT/masks/)")
+    p.add_argument("--local", dest="engine", action="store_const", const="local",
+                   help="the same as --engine local: in this process, without Ray (the ledger as always)")
     add_common_flags(p)
     return p
 
@@ -84,11 +85,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def segment() -> int:
         cfg = config_from_args(args)
-        if args.local:
-            from pipelines.segmentation.local import run_local
-
-            with_errors = run_local(cfg)[1]
-            return 1 if args.strict and with_errors else 0
         from pipelines.segmentation.job import run_segmentation
 
         report = run_segmentation(cfg, verbose=args.verbose)  # a busy lease: LeaseBusy, exit 3

@@ -50,3 +50,19 @@ def register_checkpoint(tracking_uri: str, name: str, checkpoint_dir, alias: str
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return f"models:/{name}/{version.version}"
+
+
+def run_off_cluster(script: str, cwd, timeout: float = 300) -> str:
+    """A fresh Python running `script` with this repository importable and no RAY_ADDRESS (what a
+    user's shell is, off a cluster); asserts it succeeded and returns its stdout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=cwd,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout

@@ -21,6 +21,10 @@ DEFAULT_EXPERIMENT = "deeplab-segmentation"
 # 1.4 GB in float32 (a 7000 x 7000 PNG of 6 KB took a worker past 8 GB before this cap).
 DEFAULT_TILE_PIXELS = 2048 * 1024
 DEFAULT_MAX_INPUT_PIXELS = 4096 * 4096
+# engine auto: the most inputs run in this process. Measured (docs/segmentation.md, "Engines"): no
+# crossover up to 1024 images on 2 cores, the in-process rate per image equals Ray's after Ray's
+# 20-30 s start; above this the start is a small part of a run long enough to want Ray's guard.
+DEFAULT_LOCAL_MAX_INPUTS = 1000
 
 
 class WithTTA(Section):
@@ -82,7 +86,8 @@ class SegmentConfig(WithTTA):
     overlay_alpha: float = Field(0.5, ge=0, le=1)
     batch_size: int = Field(4, ge=1)
     num_model_actors: int = Field(1, ge=1)
-    cpus_per_model_actor: float = Field(1.0, gt=0, description="CPU actors: torch threads per actor (ignored on GPU)")
+    cpus_per_model_actor: float = Field(1.0, gt=0, description="CPU actors: torch threads per actor, and of the "
+                                        "in-process engine's model (ignored on GPU)")
     crf_workers: int = Field(2, ge=1, description="CRF processes running at once")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="model forwards: fp32, bf16 autocast, or auto (bf16 on GPUs; on CPUs as "
@@ -126,6 +131,13 @@ class SegmentConfig(WithTTA):
     shared_fs: bool = Field(False, description="local input/output paths are on a filesystem every node "
                                                "mounts (NFS): skip the multi-node check that refuses them")
     progress_every_s: float = Field(10.0, gt=0)
+    # Where the stages run (engine.py); outputs and ledger are the same either way.
+    engine: Literal["auto", "ray", "local"] = Field(
+        "auto", description="local: in this process, no Ray; ray: Ray Data; auto: in this process when not on a "
+                            "cluster, without the CPU (pydensecrf) CRF, for at most local_max_inputs inputs, and "
+                            "not right after a run on this output died")
+    local_max_inputs: int = Field(DEFAULT_LOCAL_MAX_INPUTS, ge=0, description="engine auto: the most inputs "
+                                  "segmented in this process")
 
     @model_validator(mode="after")
     def _onnx_runs_fp32_on_cpu(self) -> SegmentConfig:

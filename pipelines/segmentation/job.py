@@ -13,7 +13,8 @@ by pipeline.py; the plan they share is built here, InferencePlan.for_model)::
     record                       (driver)     results + ledger checkpoints, one file each per run
 
 An input that kills its worker process ends as an error row (poison.py). Output layout and the
-idempotency contract: io.py and ledger.py.
+idempotency contract: io.py and ledger.py. The same stages also run in this process, without Ray
+(engine.py: --engine local, and auto for a small job off a cluster without the CPU CRF).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pipelines.common.redaction import redact_urls
 from pipelines.common.uris import absolute_uri, join_uri
 from pipelines.data.storage import check_access, get_fs
 from pipelines.segmentation import crf_settings, ledger, lease, precision, provenance, recipe, resources, runtime
+from pipelines.segmentation import engine as engines
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.io import (
     ERRORS_DIR,
@@ -59,6 +61,7 @@ from pipelines.segmentation.report import (
     Tally,
     consume,
     evaluation_table,
+    tally_batches,
     format_scales,
 )
 from pipelines.segmentation.columns import (
@@ -90,17 +93,37 @@ def _new_run_id() -> str:
 
 
 def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, model_uri: str, plan: InferencePlan,
-             write: WriteSpec, gpu: bool, on_batch,
+             write: WriteSpec, gpu: bool, on_batch, engine: str = engines.RAY,
              class_names: Sequence[str] | None = None) -> tuple[Tally, dict | None, str | None, str | None]:
-    """Runs the stages over `todo` (each summary batch to `on_batch`) with `model` as the actors
-    get it (runtime.prepare's): the tally, the evaluation (metrics, table) with --eval, and the
-    CRF backend that ran."""
-    import ray
-
-    crf = f"CRF {plan.crf_backend}" + (" (in the model actor)" if plan.crf_in_model else "") if plan.run_crf else "no CRF"
+    """Runs the stages over `todo` with `engine` (each summary batch to `on_batch`) and `model` as
+    the model stage gets it (runtime.prepare's): the tally, the evaluation (metrics, table) with
+    --eval, and the CRF backend that ran."""
+    in_model = " (in the model actor)" if engine == engines.RAY else " (with the model)"
+    crf = f"CRF {plan.crf_backend}" + (in_model if plan.crf_in_model else "") if plan.run_crf else "no CRF"
     on = "GPU" if gpu else "CPU" + (" (ONNX Runtime)" if plan.runtime == runtime.ONNX else "")
     print(f"[segment] model {model_uri} ({plan.num_classes} classes) on {on}; "
           f"scales {format_scales(cfg.tta.scales)}, flip {cfg.tta.flip}, {crf}", flush=True)
+    if engine == engines.LOCAL:
+        batches = engines.run_batches(
+            todo, plan, model, batch_size=cfg.batch_size, device="cuda" if gpu else "cpu", write=write,
+            # threads as in one model actor: on this shared 2-core machine 2 threads were 9x slower
+            # than 1 under load (OpenMP waits for a descheduled thread); more: --cpus-per-model-actor
+            num_threads=int(max(1, cfg.cpus_per_model_actor)))
+        tally = tally_batches(batches, len(todo), cfg.progress_every_s, on_batch=on_batch)
+    else:
+        tally = consume(_ray_dataset(cfg, todo, model, plan, write, gpu), len(todo), cfg.progress_every_s,
+                        on_batch=on_batch)
+    backend = plan.crf_backend if plan.run_crf else None
+    if not plan.table:
+        return tally, None, None, backend
+    evaluation, table = evaluation_table(tally, cfg.tta, tally.scored, plan.crf_params.iterations, class_names)
+    return tally, evaluation, table, backend
+
+
+def _ray_dataset(cfg: SegmentConfig, todo: Sequence[InputItem], model, plan: InferencePlan, write: WriteSpec,
+                 gpu: bool):
+    import ray
+
     # Ray Data would wait without end for resources the cluster does not have (resources.py).
     problem = resources.plan_problem(cfg.num_model_actors, cfg.cpus_per_model_actor, gpu,
                                      plan.run_crf and not plan.crf_in_model, resources.cluster_nodes())
@@ -109,15 +132,9 @@ def _segment(cfg: SegmentConfig, todo: Sequence[InputItem], model, model_uri: st
     if plan.guard is not None:  # Ray logs one E-level line about this from C++ (not filterable here)
         print("[segment] a Ray 'core_worker.cc ... max_restarts > 0' line may follow: expected; model actors "
               "restart after a crash and reload the model, which this run keeps in the object store", flush=True)
-    ds = build_dataset(todo, plan, ray.put(model), batch_size=cfg.batch_size,
-                       num_model_actors=cfg.num_model_actors, cpus_per_model_actor=cfg.cpus_per_model_actor,
-                       crf_workers=cfg.crf_workers, gpu=gpu, write=write)
-    tally = consume(ds, len(todo), cfg.progress_every_s, on_batch=on_batch)
-    backend = plan.crf_backend if plan.run_crf else None
-    if not plan.table:
-        return tally, None, None, backend
-    evaluation, table = evaluation_table(tally, cfg.tta, tally.scored, plan.crf_params.iterations, class_names)
-    return tally, evaluation, table, backend
+    return build_dataset(todo, plan, ray.put(model), batch_size=cfg.batch_size,
+                         num_model_actors=cfg.num_model_actors, cpus_per_model_actor=cfg.cpus_per_model_actor,
+                         crf_workers=cfg.crf_workers, gpu=gpu, write=write)
 
 
 def _run(cfg: SegmentConfig, verbose: bool) -> SegmentReport:
@@ -273,10 +290,16 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     if cfg.evaluate and work and not evaluate:
         print("[segment] --eval: no ground-truth masks among the inputs (use a manifest with "
               "mask_uri); no evaluation", flush=True)
+    # A run that died (its lease never released; a Ctrl-C or an error releases it) may have been
+    # killed by one of these inputs: engine auto runs them under Ray's poison guard.
+    engine = _engine(cfg, len(work), evaluate, held.previous_died) if work else engines.RAY
     if work:
-        ensure_ray(verbose=verbose)
-        guard = new_guard(cfg.crash_limit)  # its actor starts while the pipeline is planned
-        gpu = use_gpu(cfg.device)
+        if engine == engines.LOCAL:  # no Ray: no poison guard either (engine.py)
+            gpu = engines.local_device(cfg.device) == "cuda"
+        else:
+            ensure_ray(verbose=verbose)
+            guard = new_guard(cfg.crash_limit)  # its actor starts while the pipeline is planned
+            gpu = use_gpu(cfg.device)
         runtime.check_device(cfg.runtime, gpu)
         plan = InferencePlan.for_model(
             model, meta, gpu=gpu, crf_backend=cfg.crf_backend, tta=cfg.tta, max_pixels=cfg.max_pixels,
@@ -291,7 +314,8 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
         recording.known_errors(known_errors)
     if work:
         tally, evaluation, table, crf_backend = _segment(cfg, work, shipped, model_uri, plan, write, gpu,
-                                                         on_batch=recording, class_names=meta.get("class_names"))
+                                                         on_batch=recording, engine=engine,
+                                                         class_names=meta.get("class_names"))
     else:
         tally, evaluation, table, crf_backend = Tally(), None, None, None
     held.check()
@@ -322,6 +346,17 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
     if cfg.tracking_uri and todo:  # a tick with nothing to do leaves no MLflow run
         print(f"[segment] logged to MLflow run {log_run(cfg, report, crf_params, crf_source)}", flush=True)
     return report
+
+
+def _engine(cfg: SegmentConfig, inputs: int, evaluate: bool, previous_died: bool) -> str:
+    """The engine for this run's `inputs` (engine.choose), said in one line."""
+    cpu_crf = False
+    if cfg.engine == "auto" and (cfg.crf or evaluate):  # the CRF backend where the model would run here
+        cpu_crf = choose_backend(cfg.crf_backend, engines.local_device(cfg.device) == "cuda") != "torch"
+    engine, why = engines.choose(cfg.engine, inputs=inputs, local_max_inputs=cfg.local_max_inputs, cpu_crf=cpu_crf,
+                                 attached=engines.attached_to_cluster(), previous_died=previous_died)
+    print(engines.engine_line(engine, inputs, why), flush=True)
+    return engine
 
 
 def log_run(cfg: SegmentConfig, report: SegmentReport, crf_params: CRFParams, crf_source: str) -> str:

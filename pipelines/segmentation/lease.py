@@ -87,6 +87,8 @@ class Lease:
     ttl_s: float
     storage_options: Mapping[str, Any] | None = None
     lost: str | None = None  # why the lease was lost, once it was
+    # The run before this one held the lease and never released it: it died (killed, crashed).
+    previous_died: bool = False
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -192,7 +194,8 @@ def acquire(output: str, run_id: str, storage_options: Mapping[str, Any] | None 
         if epoch and body is None:
             continue  # replaced between the listing and the read: look again
         if not _is_live(body, _now()):
-            lease = Lease(output, run_id, epoch + 1, ttl_s, storage_options)
+            lease = Lease(output, run_id, epoch + 1, ttl_s, storage_options,
+                          previous_died=bool(body) and not body.get("released"))
             if create_exclusive(lease.uri(), lease.body(), storage_options):
                 if epoch:  # history: deleting it keeps the listing one key long
                     fs, path = get_fs(lease.uri(epoch), storage_options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,8 +32,7 @@ def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *,
     task, or in one 0-CPU task); rows are per-image summaries (no pixels)."""
     import ray.data
 
-    status = {k: v[0] for k, v in initial_status(1).items()}
-    rows = [{**item.row(), **status} for item in items]
+    rows = input_rows(items)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), math.ceil(len(rows) / batch_size))))
     # Bounded retries: the guard turns an input that kills workers into an error row after
     # crash_limit deaths; Ray's default for actors is to retry without end. (Ray 2.60 has no
@@ -59,14 +58,31 @@ def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *,
     # Masks are scored and written as they are made (a kill loses only the batches in flight): by
     # the CRF task that refined them, else by tasks that need no CPU. A 0.25-CPU write task never
     # got a CPU while the model actor and the CRF tasks held them all: every mask came at the end.
-    if plan.run_crf and not plan.crf_in_model:
+    end = end_stage(plan, write)
+    if end is crf_stage:
         ds = ds.map_batches(crf_stage, fn_kwargs={"plan": plan, "write": write}, batch_size=batch_size,
                             batch_format="numpy", num_cpus=resources.CRF_CPUS,
                             compute=ray.data.TaskPoolStrategy(size=crf_workers), **tasks)
-    elif plan.with_masks or write is not None:
-        ds = ds.map_batches(score_then_write, fn_kwargs={"plan": plan, "write": write}, batch_size=batch_size,
+    elif end is not None:
+        ds = ds.map_batches(end, fn_kwargs={"plan": plan, "write": write}, batch_size=batch_size,
                             batch_format="numpy", num_cpus=0, **tasks)
     return ds.select_columns(plan.summary_columns(write=write is not None))
+
+
+def input_rows(items: Sequence[InputItem]) -> list[dict[str, Any]]:
+    """The rows the first stage (decode) gets, whichever engine runs the stages."""
+    status = {k: v[0] for k, v in initial_status(1).items()}
+    return [{**item.row(), **status} for item in items]
+
+
+def end_stage(plan: InferencePlan, write: WriteSpec | None) -> Callable[..., dict] | None:
+    """The stage after the model, called as ``end(batch, plan=plan, write=write)``: the CPU CRF
+    (which scores and writes what it refined), else score-then-write, else none."""
+    if plan.run_crf and not plan.crf_in_model:
+        return crf_stage
+    if plan.with_masks or write is not None:
+        return score_then_write
+    return None
 
 
 def resolve_model(uri: str) -> str:

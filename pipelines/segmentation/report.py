@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,9 +58,17 @@ class Tally:
 
 def consume(ds, total: int, every_s: float, label: str = "segment",
             on_batch: Callable[[dict[str, np.ndarray]], None] | None = None) -> Tally:
-    """Sums the stream's per-image summaries (and hands each batch to `on_batch`). Progress: a
-    tqdm bar on a terminal, else a line every `every_s` seconds; counts are images whose results
-    are written (the pipeline's end)."""
+    """`tally_batches` over a Ray dataset's stream."""
+    # prefetch_batches=0: results are counted as they finish, not a prefetch window later.
+    return tally_batches(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0),
+                         total, every_s, label, on_batch)
+
+
+def tally_batches(batches: Iterable[dict[str, np.ndarray]], total: int, every_s: float, label: str = "segment",
+                  on_batch: Callable[[dict[str, np.ndarray]], None] | None = None) -> Tally:
+    """Sums the stream's per-image summaries (and hands each batch to `on_batch`), whichever engine
+    made them (Ray Data, or this process: engine.py). Progress: a tqdm bar on a terminal, else a
+    line every `every_s` seconds; counts are images whose results are written (the pipeline's end)."""
     import sys
 
     from tqdm import tqdm
@@ -68,8 +76,7 @@ def consume(ds, total: int, every_s: float, label: str = "segment",
     tally = Tally()
     start = last = time.monotonic()
     with tqdm(total=total, desc=f"[{label}]", unit="img", disable=not sys.stderr.isatty()) as bar:
-        # prefetch_batches=0: results are counted as they finish, not a prefetch window later.
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+        for batch in batches:
             before = tally.done
             if on_batch is not None:
                 on_batch(batch)

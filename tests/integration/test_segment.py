@@ -229,6 +229,23 @@ def test_evaluate_model_agrees_with_the_job_table(first_run, checkpoint, manifes
 # --------------------------------------------------------------------------- resume (the schedule: test_schedule.py)
 
 
+def kill_after_a_checkpoint(cmd: list[str], env: dict[str, str], output: str, options: dict) -> None:
+    """Runs `cmd` and SIGKILLs it (the driver dies without any clean-up) once its first ledger
+    checkpoint is on the output."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list_keys(f"{output}/ledger/pending", options):  # at least one batch recorded
+                break
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
 def test_killed_run_resumes_without_holes_or_duplicates(ray_cluster, s3_server, s3_options, bucket, checkpoint):
     count = 16
     data = write_synthetic_voc(f"{bucket}/kill-data", 0, count, SPEC, seed=5, storage_options=s3_options)
@@ -237,19 +254,8 @@ def test_killed_run_resumes_without_holes_or_duplicates(ray_cluster, s3_server, 
     cmd = [sys.executable, "pipelines/segment.py", "--model", checkpoint, "--input", data["val_manifest"],
            "--output", output, "--batch-size", "1", "--crf-workers", "1", "--crf-iterations", "10",
            "checkpoint_every_s=0.01", "lease_ttl_s=3"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if list_keys(f"{output}/ledger/pending", s3_options):  # at least one batch recorded
-                break
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies without any clean-up
-        proc.wait(timeout=30)
+    kill_after_a_checkpoint(cmd, env, output, s3_options)
     masks_at_kill = len(list_keys(f"{output}/masks", s3_options))
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert 0 < masks_at_kill < count
 
     stdout = io.StringIO()
@@ -265,3 +271,31 @@ def test_killed_run_resumes_without_holes_or_duplicates(ray_cluster, s3_server, 
     assert sorted(r["id"] for r in view) == ids  # one row per input: no holes, no duplicates
     assert all(r["status"] == "ok" for r in view)
     assert finished_ids(output, s3_options) == set(ids)
+
+
+def test_killed_in_process_run_keeps_its_checkpoints_and_the_next_run_goes_to_ray(
+        ray_cluster, s3_server, s3_options, bucket, checkpoint, monkeypatch):
+    count = 12
+    data = write_synthetic_voc(f"{bucket}/kill-local-data", 0, count, SPEC, seed=7, storage_options=s3_options)
+    output = f"{bucket}/kill-local-out"
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server.endpoint_url}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "pipelines/segment.py", "--model", checkpoint, "--input", data["val_manifest"],
+           "--output", output, "--batch-size", "1", "--engine", "local", "--scales", "0.5,0.75,1,1.25,1.5,1.75",
+           "--crf-backend", "torch", "--crf-iterations", "10", "checkpoint_every_s=0.01", "lease_ttl_s=3"]
+    kill_after_a_checkpoint(cmd, env, output, s3_options)  # the lease is never released
+    recorded = len(list_keys(f"{output}/ledger/pending", s3_options))
+    assert recorded > 0 and len(list_keys(f"{output}/masks", s3_options)) < count
+
+    # engine auto off a cluster would run these 12 in-process, but a run on this output died:
+    # Ray (the session cluster here), whose guard turns an input that kills its worker into an error.
+    monkeypatch.setattr("pipelines.segmentation.engine.attached_to_cluster", lambda: False)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        report = run_segmentation(SegmentConfig(
+            model=checkpoint, input=data["val_manifest"], output=output, scales=(0.5, 0.75, 1, 1.25, 1.5, 1.75),
+            crf_backend="torch", crf_params=CRFParams(iterations=10), storage_options=s3_options, lease_wait_s=60))
+    assert "segmenting on Ray (--engine auto: the last run on this output died" in stdout.getvalue()
+    assert report.errors == 0 and report.skipped >= recorded and report.ok + report.skipped == count
+    assert sorted(r["id"] for r in read_results(output, s3_options).to_pylist()) == [
+        f"synth_{i:06d}" for i in range(count)]  # no holes, no duplicates

@@ -1,6 +1,8 @@
 """The Segmenter (pipelines/segmentation/segmenter.py) gives the batch job's masks: a folder and a
-single file, in-process and through `segment.py --local`, against the Ray job on the session
-cluster; and a registered version's recipe (tta.* and crf.* tags) is what it and the job use."""
+single file, in-process and through `segment.py --local` (the job's in-process engine), against
+the Ray job on the session cluster; the two engines leave the same masks and ledger; engine auto
+runs a small plain job in this process without importing Ray; and a registered version's recipe
+(tta.* and crf.* tags) is what the Segmenter and the job use."""
 
 from __future__ import annotations
 
@@ -14,11 +16,11 @@ from PIL import Image
 
 from deeplab_core.synthetic import SyntheticSpec, render_scene
 from pipelines import segment, tracking
-from pipelines.segmentation import crf_settings, recipe
+from pipelines.segmentation import crf_settings, ledger, recipe
 from pipelines.segmentation.config import SegmentConfig
 from pipelines.segmentation.job import run_segmentation
 from pipelines.segmentation.segmenter import Segmenter
-from tests.helpers import register_checkpoint, untrained_checkpoint
+from tests.helpers import register_checkpoint, run_off_cluster, untrained_checkpoint
 
 SIZES = {"a": (64, 96), "b": (64, 96), "c": (48, 80)}  # two sizes: batched and alone
 RECIPE = dict(scales=(0.75, 1.0), flip=True, crf=True)
@@ -76,12 +78,62 @@ def test_a_folder_and_a_file_through_the_segmenter_equal_the_ray_jobs_masks(ray_
     np.testing.assert_array_equal(_masks(tmp_path / "one")["a"], job["a"])
     flags = ["--model", ckpt, "--scales", "0.75,1", "--crf-backend", "pydensecrf", "--local"]
     code, printed = _quiet(segment.main, [*flags, "--input", str(folder / "a.png"), "--output", str(tmp_path / "l1")])
-    assert code == 0 and "1 ok, 0 error(s)" in printed
+    assert code == 0 and "segmenting in this process (--engine local)" in printed
+    assert "read 1 = ok 1 + errors 0 + skipped 0" in printed
     code, _ = _quiet(segment.main, [*flags, "--input", str(folder), "--output", str(tmp_path / "l3")])
     local = _masks(tmp_path / "l3")
     assert code == 0 and set(local) == set(job)
     for name in job:
         np.testing.assert_array_equal(local[name], job[name])
+    # --local is the job in this process, ledger included: a re-run skips what is settled.
+    code, printed = _quiet(segment.main, [*flags, "--input", str(folder), "--output", str(tmp_path / "l3")])
+    assert code == 0 and "read 3 = ok 0 + errors 0 + skipped 3" in printed
+
+
+def _entries(output: Path) -> dict[str, tuple]:
+    """id -> (status, stage, kind, model, settings, crf_backend) of the output's ledger."""
+    return {r["id"]: (r["status"], r["stage"], r["kind"], r["model"], r["settings"], r["crf_backend"])
+            for r in ledger.read_ledger(str(output)).to_pylist()}
+
+
+def test_both_engines_leave_the_same_masks_and_ledger(ray_cluster, tmp_path):
+    ckpt = untrained_checkpoint(tmp_path / "ckpt", SyntheticSpec().num_classes)
+    folder = _inputs(tmp_path / "in")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")  # an error record either way
+    runs = {}
+    for engine in ("ray", "local"):
+        cfg = SegmentConfig(model=ckpt, input=str(folder), output=str(tmp_path / engine), crf_backend="pydensecrf",
+                            batch_size=2, engine=engine, **RECIPE)
+        runs[engine], printed = _quiet(run_segmentation, cfg)
+        assert f"4 input(s): segmenting {'on Ray' if engine == 'ray' else 'in this process'}" in printed
+    assert [(r.ok, r.errors, r.errors_by_stage) for r in runs.values()] == [(3, 1, {"image": 1})] * 2
+    ray_masks, local_masks = _masks(tmp_path / "ray"), _masks(tmp_path / "local")
+    assert set(ray_masks) == set(local_masks) == set(SIZES)
+    for name in SIZES:
+        np.testing.assert_array_equal(local_masks[name], ray_masks[name])
+    entries = _entries(tmp_path / "local")
+    assert entries == _entries(tmp_path / "ray")  # statuses, and what made each mask (the redo rule's view)
+    assert {k: v[:3] for k, v in entries.items()} == {
+        **{name: ("ok", None, None) for name in SIZES}, "broken": ("error", "image", "permanent")}
+    again, _ = _quiet(run_segmentation, cfg)  # the local run again: everything settled, nothing redone
+    assert (again.ok, again.errors, again.skipped) == (0, 0, 4)
+
+
+def test_auto_runs_a_small_plain_job_here_without_importing_ray(tmp_path):
+    ckpt = untrained_checkpoint(tmp_path / "ckpt", SyntheticSpec().num_classes)
+    folder = _inputs(tmp_path / "in")
+    script = (
+        "import sys\n"
+        "from pipelines import segment\n"
+        f"code = segment.main(['--model', {ckpt!r}, '--input', {str(folder)!r}, '--output', "
+        f"{str(tmp_path / 'out')!r}, '--scales', '1', '--no-flip', '--no-crf'])\n"
+        "print('exit', code, 'ray imported', 'ray' in sys.modules)\n")
+    stdout = run_off_cluster(script, tmp_path)
+    assert "[segment] 3 input(s): segmenting in this process (--engine auto; Ray above 1000 inputs or with the " \
+           "CPU CRF)" in stdout
+    assert "read 3 = ok 3 + errors 0 + skipped 0" in stdout
+    assert stdout.strip().splitlines()[-1] == "exit 0 ray imported False"
+    assert set(_masks(tmp_path / "out")) == set(SIZES)
 
 
 def test_the_versions_recipe_is_read_by_default(ray_cluster, tmp_path, sqlite_tracking_uri):

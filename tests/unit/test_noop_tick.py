@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,8 +22,8 @@ from pipelines.segmentation.io import (
     modified_time,
     timestamps_us,
 )
+from tests.helpers import run_off_cluster
 
-REPO = Path(__file__).resolve().parents[2]
 NAMES = ("a.jpg", "b.PNG", "c.tiff", ".hidden.jpg", "x/.jpg", "x/..jpg", "x/.a.jpg", "a..jpg", "e.tar.png",
          "d.jpg.txt", "k.jpgx", "j.", "noext", "deep/er/f.webp", "dots.in/dir/g.bmp", ".tmp-0123abcd",
          "x/.tmp-9.jpg", "out/masks/m.png", "é/ü.jpeg", "dup.jpg", "dup.png")
@@ -135,12 +133,8 @@ def test_a_tick_with_nothing_to_do_imports_neither_torch_nor_ray(tmp_path):
         f"output={str(output)!r}, since='last'))\n"
         "print(json.dumps({'skipped': r.skipped, 'read': r.read, "
         "'loaded': [m for m in ('torch', 'ray') if m in sys.modules]}))\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"skipped": 2, "read": 2, "loaded": []}
+    stdout = run_off_cluster(script, tmp_path, timeout=120)
+    assert json.loads(stdout.strip().splitlines()[-1]) == {"skipped": 2, "read": 2, "loaded": []}
 
 
 def test_links_are_listed_as_fsspec_listed_them(tmp_path):

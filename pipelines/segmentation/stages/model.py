@@ -5,6 +5,7 @@ torch CRF backend the CRF runs here too, on the actor's device (probabilities ne
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -39,12 +40,13 @@ class ModelStage:
     """-> + label, [probs for a CRF stage], [label_plain, label_tta for the table], seconds_model."""
 
     def __init__(self, model_ref, plan: InferencePlan, device: str, num_threads: int) -> None:
-        import ray
         import torch
 
         from pipelines.segmentation.runtime import runtime_model
 
-        model = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
+        # A Ray object ref on a worker; the model itself in-process (engine.py), which imports no Ray.
+        ray = sys.modules.get("ray")
+        model = ray.get(model_ref) if ray is not None and isinstance(model_ref, ray.ObjectRef) else model_ref
         if device == "cpu":
             torch.set_num_threads(max(1, num_threads))  # torch still resizes and fuses the TTA views
         self.device = torch.device(device)
