@@ -66,9 +66,12 @@ def _timed(cmd: list[str], masks: Path) -> tuple[float, float | None, int]:
     return total, (first[0] if first else None), code
 
 
+PRODUCT_EXTRA: list[str] = []  # --product-args: e.g. --precision fp32, the hand loop's arithmetic
+
+
 def product_cmd(model: str, images: Path, out: Path, mode: str, crf_workers: int, engine: str = "auto") -> list[str]:
     cmd = [sys.executable, "pipelines/segment.py", "--model", model, "--input", str(images), "--output", str(out),
-           "--crf-workers", str(crf_workers), "--engine", engine]
+           "--crf-workers", str(crf_workers), "--engine", engine, *PRODUCT_EXTRA]
     return cmd + (["--scales", TTA_SCALES] if mode == "tta-crf" else ["--scales", "1", "--no-flip", "--no-crf"])
 
 
@@ -143,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                "denominator of the ratios")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--crf-workers", type=int, default=2)
+    p.add_argument("--product-args", default="", help="extra segment.py flags, e.g. '--precision fp32' (the hand "
+                   "loop runs fp32 NCHW; the product's default --precision auto is bf16 + channels_last on CPUs "
+                   "with native bf16)")
     p.add_argument("--hand-loop", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
@@ -151,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.hand_loop:
         hand_loop(a.model, a.input, a.output, a.mode, a.crf_workers)
         return 0
+    PRODUCT_EXTRA[:] = a.product_args.split()
     model = str(Path(a.model).resolve())
     work = Path(tempfile.mkdtemp(prefix="seg-vs-loop-"))
     counts = {"plain": _counts(a.images), "tta-crf": _counts(a.tta_images or a.images)}
