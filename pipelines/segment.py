@@ -38,7 +38,7 @@ from pipelines.segmentation.flags import add_crf_flags, add_tta_flags, crf_value
 FLAGS = ("model", "input", "output", "max_pixels", "batch_size", "num_model_actors",
          "cpus_per_model_actor", "crf_workers", "crf_backend", "device", "precision", "runtime", "since",
          "tracking_uri", "experiment", "max_attempts", "crash_limit", "lease_ttl_s", "lease_wait_s", "redo", "engine",
-         "local_max_inputs")
+         "local_max_inputs", "local_max_crf_inputs")
 
 
 

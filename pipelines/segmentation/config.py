@@ -25,6 +25,11 @@ DEFAULT_MAX_INPUT_PIXELS = 4096 * 4096
 # crossover up to 1024 images on 2 cores, the in-process rate per image equals Ray's after Ray's
 # 20-30 s start; above this the start is a small part of a run long enough to want Ray's guard.
 DEFAULT_LOCAL_MAX_INPUTS = 1000
+# ... and with the CPU (pydensecrf) CRF, which Ray runs in processes beside the model actor:
+# measured (TTA + CRF, 500 x 375, load 2-6) 8 images 11.1 s here vs 36.5 s on Ray, 24 images 27.0
+# vs 46.3: ~0.99 s per image serially here against ~0.61 on Ray after its start, so the two meet
+# near 75 images; 32 keeps larger CRF jobs under Ray's guard and parallel CRF with room to spare.
+DEFAULT_LOCAL_MAX_CRF_INPUTS = 32
 
 
 class WithTTA(Section):
@@ -134,10 +139,13 @@ class SegmentConfig(WithTTA):
     # Where the stages run (engine.py); outputs and ledger are the same either way.
     engine: Literal["auto", "ray", "local"] = Field(
         "auto", description="local: in this process, no Ray; ray: Ray Data; auto: in this process when not on a "
-                            "cluster, without the CPU (pydensecrf) CRF, for at most local_max_inputs inputs, and "
-                            "not right after a run on this output died")
+                            "cluster, for at most local_max_inputs inputs (local_max_crf_inputs with the CPU "
+                            "pydensecrf CRF), and not right after a run on this output died")
     local_max_inputs: int = Field(DEFAULT_LOCAL_MAX_INPUTS, ge=0, description="engine auto: the most inputs "
                                   "segmented in this process")
+    local_max_crf_inputs: int = Field(DEFAULT_LOCAL_MAX_CRF_INPUTS, ge=0, description="engine auto with the CPU "
+                                      "(pydensecrf) CRF: the most inputs segmented in this process (above, Ray "
+                                      "runs the CRF in parallel processes beside the model)")
 
     @model_validator(mode="after")
     def _onnx_runs_fp32_on_cpu(self) -> SegmentConfig:

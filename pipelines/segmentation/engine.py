@@ -9,7 +9,8 @@ small job does not earn back.
 
 What it gives up, and so when `--engine auto` keeps Ray (`choose`):
 - a cluster (RAY_ADDRESS, `ray job submit`, or a Ray this process already joined): its workers;
-- the CPU CRF (pydensecrf holds the GIL): Ray runs it in parallel processes beside the model;
+- the CPU CRF (pydensecrf holds the GIL) on more than a few dozen inputs (`local_max_crf_inputs`):
+  Ray runs it in parallel processes beside the model, which pays for Ray's start from there;
 - many inputs: above `local_max_inputs` Ray's start is a small part of the run, and its guard and
   more model actors are worth it (measured: docs/segmentation.md, "Engines");
 - the poison guard (poison.py): in-process an input that kills the worker kills the run, and
@@ -43,15 +44,16 @@ def attached_to_cluster() -> bool:
 
 
 def choose(setting: str, *, inputs: int, local_max_inputs: int, cpu_crf: bool, attached: bool,
-           previous_died: bool) -> tuple[str, str]:
+           previous_died: bool, local_max_crf_inputs: int = 0) -> tuple[str, str]:
     """(LOCAL or RAY, the reason in words) for `setting` auto/local/ray; see the module doc."""
     if setting != "auto":
         return setting, f"--engine {setting}"
-    rule = f"--engine auto; Ray above {local_max_inputs} inputs or with the CPU CRF"
+    rule = f"--engine auto; Ray above {local_max_inputs} inputs, {local_max_crf_inputs} with the CPU CRF"
     if attached:
         return RAY, "--engine auto: attached to a Ray cluster"
-    if cpu_crf:
-        return RAY, "--engine auto: the CPU CRF (pydensecrf) runs in parallel Ray tasks"
+    if cpu_crf and inputs > local_max_crf_inputs:
+        return RAY, (f"--engine auto: more than local_max_crf_inputs={local_max_crf_inputs} inputs with the CPU CRF "
+                     "(pydensecrf), which Ray runs in parallel tasks")
     if inputs > local_max_inputs:
         return RAY, f"--engine auto: more than local_max_inputs={local_max_inputs} inputs"
     if previous_died:

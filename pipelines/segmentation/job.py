@@ -14,7 +14,7 @@ by pipeline.py; the plan they share is built here, InferencePlan.for_model)::
 
 An input that kills its worker process ends as an error row (poison.py). Output layout and the
 idempotency contract: io.py and ledger.py. The same stages also run in this process, without Ray
-(engine.py: --engine local, and auto for a small job off a cluster without the CPU CRF).
+(engine.py: --engine local, and auto for a small job off a cluster).
 """
 
 from __future__ import annotations
@@ -354,6 +354,7 @@ def _engine(cfg: SegmentConfig, inputs: int, evaluate: bool, previous_died: bool
     if cfg.engine == "auto" and (cfg.crf or evaluate):  # the CRF backend where the model would run here
         cpu_crf = choose_backend(cfg.crf_backend, engines.local_device(cfg.device) == "cuda") != "torch"
     engine, why = engines.choose(cfg.engine, inputs=inputs, local_max_inputs=cfg.local_max_inputs, cpu_crf=cpu_crf,
+                                 local_max_crf_inputs=cfg.local_max_crf_inputs,
                                  attached=engines.attached_to_cluster(), previous_died=previous_died)
     print(engines.engine_line(engine, inputs, why), flush=True)
     return engine

@@ -39,6 +39,8 @@ def build_dataset(items: Sequence[InputItem], plan: InferencePlan, model_ref, *,
     # named map_batches parameter for these yet: they go as remote args, whose deprecation
     # warning says to use named parameters that do not exist; not shown to users.)
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+    # Fewer batches than CRF workers (a small job) is fine: Ray Data's advice for it is noise here.
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for", category=UserWarning)
     tasks, actors = {}, {}
     if plan.guard is not None:
         retries = plan.guard.ray_retries(batch_size)

@@ -129,7 +129,7 @@ def test_auto_runs_a_small_plain_job_here_without_importing_ray(tmp_path):
         f"{str(tmp_path / 'out')!r}, '--scales', '1', '--no-flip', '--no-crf'])\n"
         "print('exit', code, 'ray imported', 'ray' in sys.modules)\n")
     stdout = run_off_cluster(script, tmp_path)
-    assert "[segment] 3 input(s): segmenting in this process (--engine auto; Ray above 1000 inputs or with the " \
+    assert "[segment] 3 input(s): segmenting in this process (--engine auto; Ray above 1000 inputs, 32 with the " \
            "CPU CRF)" in stdout
     assert "read 3 = ok 3 + errors 0 + skipped 0" in stdout
     assert stdout.strip().splitlines()[-1] == "exit 0 ray imported False"

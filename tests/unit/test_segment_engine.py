@@ -11,19 +11,21 @@ import pytest
 
 from pipelines.segmentation import engine, lease
 
-SMALL = dict(inputs=12, local_max_inputs=64, cpu_crf=False, attached=False, previous_died=False)
+SMALL = dict(inputs=12, local_max_inputs=64, cpu_crf=False, attached=False, previous_died=False,
+             local_max_crf_inputs=16)
 
 
 def test_auto_runs_a_small_plain_job_in_this_process():
     chosen, why = engine.choose("auto", **SMALL)
     assert chosen == engine.LOCAL
     assert engine.engine_line(chosen, 12, why) == ("[segment] 12 input(s): segmenting in this process "
-                                                   "(--engine auto; Ray above 64 inputs or with the CPU CRF)")
+                                                   "(--engine auto; Ray above 64 inputs, 16 with the CPU CRF)")
     assert engine.choose("auto", **{**SMALL, "inputs": 64})[0] == engine.LOCAL  # the threshold is inclusive
+    assert engine.choose("auto", **{**SMALL, "cpu_crf": True, "inputs": 16})[0] == engine.LOCAL
 
 
 @pytest.mark.parametrize("change, reason", [
-    ({"cpu_crf": True}, "the CPU CRF"),
+    ({"cpu_crf": True, "inputs": 17}, "more than local_max_crf_inputs=16 inputs with the CPU CRF"),
     ({"inputs": 65}, "more than local_max_inputs=64"),
     ({"previous_died": True}, "died"),
     ({"attached": True}, "attached to a Ray cluster"),
