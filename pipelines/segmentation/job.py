@@ -334,6 +334,7 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
         errors_by_stage=errors_by_stage, evaluation=evaluation, table=table, crf_backend=crf_backend,
         crf_source=crf_source if cfg.crf and todo else None,
         crf_params=crf_settings.as_params(crf_params) if cfg.crf and todo else None,
+        engine=engine if work else None, runtime=cfg.runtime if work else None,
     )
     last_run = {k: v for k, v in asdict(report).items() if k not in ("evaluation", "table")}
     write_state(cfg.output, last_run, options)
@@ -367,7 +368,7 @@ def log_run(cfg: SegmentConfig, report: SegmentReport, crf_params: CRFParams, cr
         "model": cfg.model, "model_resolved": report.model_uri, "input": cfg.input, "output": cfg.output,
         "scales": format_scales(cfg.tta.scales), "flip": cfg.tta.flip, "fusion": cfg.tta.fusion, "crf": cfg.crf,
         "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size, "since": cfg.since,
-        "crf_backend": report.crf_backend,
+        "crf_backend": report.crf_backend, "engine": report.engine, "runtime": report.runtime,
         "crf_source": crf_source, **crf_settings.as_params(crf_params, "crf_"),
     }
     metrics = {"images_read": report.read, "images_ok": report.ok, "images_errors": report.errors,

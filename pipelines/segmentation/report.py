@@ -108,6 +108,8 @@ class SegmentReport:
     crf_backend: str | None = None  # the CRF that ran (None: no CRF)
     crf_source: str | None = None  # where the CRF parameters came from (None: no CRF on the masks)
     crf_params: dict | None = None
+    engine: str | None = None  # where the stages ran (engine.py); None: nothing to segment
+    runtime: str | None = None  # what ran the model (runtime.py)
 
     def __post_init__(self) -> None:
         if self.read != self.ok + self.errors + self.skipped:

@@ -183,6 +183,9 @@ def test_eval_prints_the_table_and_logs_to_mlflow(first_run):
     assert metrics["images_ok"] == NUM_IMAGES and metrics["images_errors"] == 1 + len(UNSAFE_IDS)
     assert metrics["mIoU_msf_crf"] == pytest.approx(report.evaluation["+ dense CRF"]["mIoU"])
     assert runs[0].data.params["crf_backend"] == "pydensecrf"
+    # the session's cluster is joined: engine auto runs on it; the default runtime
+    assert (runs[0].data.params["engine"], runs[0].data.params["runtime"]) == ("ray", "torch")
+    assert (report.engine, report.runtime) == ("ray", "torch")
     assert {"mIoU_plain", "mIoU_msf"} <= set(metrics)
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"evaluation.md", "summary.json"} <= artifacts

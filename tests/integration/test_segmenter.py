@@ -107,6 +107,7 @@ def test_both_engines_leave_the_same_masks_and_ledger(ray_cluster, tmp_path):
         runs[engine], printed = _quiet(run_segmentation, cfg)
         assert f"4 input(s): segmenting {'on Ray' if engine == 'ray' else 'in this process'}" in printed
     assert [(r.ok, r.errors, r.errors_by_stage) for r in runs.values()] == [(3, 1, {"image": 1})] * 2
+    assert [r.engine for r in runs.values()] == ["ray", "local"]
     ray_masks, local_masks = _masks(tmp_path / "ray"), _masks(tmp_path / "local")
     assert set(ray_masks) == set(local_masks) == set(SIZES)
     for name in SIZES:
@@ -116,7 +117,7 @@ def test_both_engines_leave_the_same_masks_and_ledger(ray_cluster, tmp_path):
     assert {k: v[:3] for k, v in entries.items()} == {
         **{name: ("ok", None, None) for name in SIZES}, "broken": ("error", "image", "permanent")}
     again, _ = _quiet(run_segmentation, cfg)  # the local run again: everything settled, nothing redone
-    assert (again.ok, again.errors, again.skipped) == (0, 0, 4)
+    assert (again.ok, again.errors, again.skipped, again.engine) == (0, 0, 4, None)  # nothing ran
 
 
 def test_auto_runs_a_small_plain_job_here_without_importing_ray(tmp_path):
