@@ -14,7 +14,8 @@ from pathlib import Path
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 # auto's CPU choice, kept because the demo model's mIoU stayed within 0.3 points of fp32's
 # (bench/segment_precision.py, docs/benchmarks.md: plain 66.12 -> 66.14, MS+flip 70.60 -> 70.58,
-# +CRF 74.41 -> 74.44; 99.85 % of labels equal) while the forward ran 1.27x fp32's speed.
+# +CRF 74.41 -> 74.44; 99.85 % of labels equal) while the forward ran 1.27x fp32's speed; on a
+# second demo model 66.96 -> 66.88, 71.23 -> 71.24, 74.26 -> 74.20 (99.82 %) at 2.37x.
 AUTO_CPU_BF16 = True
 
 
