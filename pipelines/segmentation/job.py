@@ -292,7 +292,7 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
               "mask_uri); no evaluation", flush=True)
     # A run that died (its lease never released; a Ctrl-C or an error releases it) may have been
     # killed by one of these inputs: engine auto runs them under Ray's poison guard.
-    engine = _engine(cfg, len(work), evaluate, held.previous_died) if work else engines.RAY
+    engine = _engine(cfg, len(work), evaluate, held.previous_died) if work else None
     if work:
         if engine == engines.LOCAL:  # no Ray: no poison guard either (engine.py)
             gpu = engines.local_device(cfg.device) == "cuda"
@@ -334,7 +334,7 @@ def _run_leased(cfg: SegmentConfig, verbose: bool, run_id: str, held: lease.Leas
         errors_by_stage=errors_by_stage, evaluation=evaluation, table=table, crf_backend=crf_backend,
         crf_source=crf_source if cfg.crf and todo else None,
         crf_params=crf_settings.as_params(crf_params) if cfg.crf and todo else None,
-        engine=engine if work else None, runtime=cfg.runtime if work else None,
+        engine=engine, runtime=cfg.runtime if work else None,
     )
     last_run = {k: v for k, v in asdict(report).items() if k not in ("evaluation", "table")}
     write_state(cfg.output, last_run, options)

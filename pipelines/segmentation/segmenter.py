@@ -41,10 +41,10 @@ class Segmenter:
         from deeplab_core.crf import choose_backend
         from pipelines.segmentation import runtime as runtimes
         from pipelines.segmentation.config import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_TILE_PIXELS
+        from pipelines.segmentation.engine import local_device
 
         runtimes.check_available(runtime)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = local_device(device)
         runtimes.check_device(runtime, device == "cuda")
         self.device = torch.device(device)
         # runtime "onnx": the model exported and checked (runtime.py), run by ONNX Runtime on this
