@@ -120,6 +120,31 @@ def test_both_engines_leave_the_same_masks_and_ledger(ray_cluster, tmp_path):
     assert (again.ok, again.errors, again.skipped, again.engine) == (0, 0, 4, None)  # nothing ran
 
 
+def test_the_in_process_engine_reads_and_writes_object_storage(ray_cluster, tmp_path, s3_bucket, s3_options):
+    import s3fs
+
+    ckpt = untrained_checkpoint(tmp_path / "ckpt", SyntheticSpec().num_classes)
+    folder = _inputs(tmp_path / "in")
+    fs = s3fs.S3FileSystem(key=s3_options["key"], secret=s3_options["secret"],
+                           client_kwargs={"endpoint_url": s3_options["endpoint_url"]})
+    fs.put(f"{folder}/", f"{s3_bucket}/in/", recursive=True)
+    expected, _ = _quiet(run_segmentation, SegmentConfig(model=ckpt, input=str(folder), output=str(tmp_path / "ray"),
+                                                         crf_backend="pydensecrf", **RECIPE))
+    cfg = SegmentConfig(model=ckpt, input=f"{s3_bucket}/in/", output=f"{s3_bucket}/out", crf_backend="pydensecrf",
+                        engine="local", storage_options=s3_options, **RECIPE)
+    report, printed = _quiet(run_segmentation, cfg)
+    assert "3 input(s): segmenting in this process (--engine local)" in printed
+    assert (report.read, report.ok, report.engine) == (3, 3, "local")
+    on_s3 = {Path(key).stem: np.array(Image.open(io.BytesIO(fs.cat(key))))
+             for key in fs.glob(f"{s3_bucket}/out/masks/*.png")}
+    ray_masks = _masks(tmp_path / "ray")
+    assert set(on_s3) == set(ray_masks) == set(SIZES) and expected.ok == 3
+    for name in SIZES:
+        np.testing.assert_array_equal(on_s3[name], ray_masks[name])
+    again, _ = _quiet(run_segmentation, cfg)  # the ledger on S3: nothing redone
+    assert (again.ok, again.skipped) == (0, 3)
+
+
 def test_auto_runs_a_small_plain_job_here_without_importing_ray(tmp_path):
     ckpt = untrained_checkpoint(tmp_path / "ckpt", SyntheticSpec().num_classes)
     folder = _inputs(tmp_path / "in")
